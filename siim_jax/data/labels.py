@@ -1,0 +1,173 @@
+"""Label files of the challenge and the index that joins them with a DICOM tree.
+
+Accepted label files: stage-1 `train-rle.csv` (header `ImageId, EncodedPixels`, values after a space),
+stage-2 `stage_2_train.csv` (no spaces), the sample images' `fname,mask` file, and sample submissions; a UTF-8
+BOM and CRLF line ends are fine. An image may have several rows; its masks are OR-merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from tqdm.auto import tqdm
+
+from siim_jax.data import rle
+
+IMAGE_ID = "ImageId"
+ENCODED_PIXELS = "EncodedPixels"
+_HEADER_ALIASES = {"imageid": IMAGE_ID, "fname": IMAGE_ID, "encodedpixels": ENCODED_PIXELS, "mask": ENCODED_PIXELS}
+
+
+class LabelError(ValueError):
+    """A label file or index that cannot be used as it is; the message names the file and the reason."""
+
+
+def read_labels(path) -> pd.DataFrame:
+    """Reads a label CSV or sample submission into columns ImageId, EncodedPixels (stripped strings)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, encoding="utf-8-sig", skipinitialspace=True, keep_default_na=False)
+    except FileNotFoundError:
+        raise LabelError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise LabelError(f"{path}: not a readable CSV ({exc})") from None
+    renamed = {column: _HEADER_ALIASES.get(column.strip().lower()) for column in frame.columns}
+    if sorted(filter(None, renamed.values())) != [ENCODED_PIXELS, IMAGE_ID] or len(frame.columns) != 2:
+        raise LabelError(f"{path}: expected the columns ImageId, EncodedPixels, found {list(frame.columns)}")
+    frame = frame.rename(columns=renamed)[[IMAGE_ID, ENCODED_PIXELS]]
+    frame = frame.apply(lambda column: column.str.strip())
+    if (frame[IMAGE_ID] == "").any():
+        line = int(np.flatnonzero(frame[IMAGE_ID] == "")[0]) + 2
+        raise LabelError(f"{path}: empty ImageId on line {line}")
+    frame.loc[frame[ENCODED_PIXELS] == "", ENCODED_PIXELS] = rle.EMPTY
+    return frame
+
+
+def read_image_ids(path) -> list[str]:
+    """The unique ImageIds of a label file or sample submission, in file order."""
+    return list(dict.fromkeys(read_labels(path)[IMAGE_ID]))
+
+
+def _run_union_area(rles: Iterable[str], image_id: str, size: int) -> int:
+    """Pixels covered by the OR of several relative-RLE rows, computed on the runs without painting a mask."""
+    intervals = []
+    for text in rles:
+        starts, ends = rle.relative_runs(text, image_id)
+        if ends.size and ends[-1] > size:
+            raise rle.RLEError(f"RLE run ends at pixel {int(ends[-1])}, past the image (ImageId {image_id})")
+        intervals.append(np.stack([starts, ends], axis=1))
+    runs = np.concatenate(intervals) if intervals else np.zeros((0, 2), np.int64)
+    runs = runs[np.argsort(runs[:, 0], kind="stable")]
+    area, reach = 0, 0
+    for start, end in runs.tolist():
+        area += max(0, end - max(start, reach))
+        reach = max(reach, end)
+    return area
+
+
+def per_image(labels: pd.DataFrame, image_size: tuple[int, int] = (1024, 1024)) -> pd.DataFrame:
+    """One row per image: its positive RLE rows (tuple), positive flag and merged mask area in pixels."""
+    size = image_size[0] * image_size[1]
+    rows = []
+    for image_id, group in labels.groupby(IMAGE_ID, sort=False):
+        positives = tuple(text for text in group[ENCODED_PIXELS] if text != rle.EMPTY)
+        area = _run_union_area(positives, image_id, size)
+        rows.append((image_id, positives, bool(positives), area, len(group)))
+    return pd.DataFrame(rows, columns=["image_id", "rles", "positive", "area", "n_rows"])
+
+
+def find_dicoms(root) -> dict[str, str]:
+    """Maps ImageId (the file name's stem, the SOPInstanceUID) to path for every .dcm below root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LabelError(f"{root}: DICOM folder not found")
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*.dcm")):
+        image_id = path.stem
+        if image_id in found:
+            raise LabelError(f"duplicate ImageId {image_id}: {found[image_id]} and {path}")
+        found[image_id] = str(path)
+    return found
+
+
+def _patient_id(path: str) -> str | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # an unreadable file is reported when its pixels are read; here it is its own group
+        return None
+    return str(ds.get("PatientID", "")).strip() or None
+
+
+def assign_folds(positive: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Stratified group k-fold: whole groups go to one fold, positive and negative groups dealt out separately."""
+    frame = pd.DataFrame({"positive": positive, "group": groups})
+    group_positive = frame.groupby("group", sort=True)["positive"].any()
+    rng = np.random.default_rng(seed)
+    fold_of_group = {}
+    offset = 0
+    for stratum in (True, False):
+        members = rng.permutation(group_positive.index[group_positive == stratum].to_numpy())
+        for order, group in enumerate(members):
+            fold_of_group[group] = (order + offset) % n_folds
+        offset += len(members)
+    return frame["group"].map(fold_of_group).to_numpy(np.int64)
+
+
+@dataclasses.dataclass
+class Index:
+    """Images joined with labels. `frame` has one row per image with a file (and labels where given)."""
+
+    frame: pd.DataFrame
+    images_without_labels: list[str]
+    labels_without_images: list[str]
+
+    def report(self) -> str:
+        frame = self.frame
+        text = f"{len(frame)} images, {int(frame['positive'].sum())} positive"
+        if self.images_without_labels:
+            text += f"; {len(self.images_without_labels)} images without labels"
+        if self.labels_without_images:
+            text += f"; {len(self.labels_without_images)} labelled ids without an image"
+        return text
+
+
+def build_index(
+    dicom_dir,
+    labels_csv=None,
+    n_folds: int = 5,
+    seed: int = 0,
+    group_by_patient: bool = True,
+    image_size: tuple[int, int] = (1024, 1024),
+) -> Index:
+    """Joins a DICOM tree with a label file: per image its file, RLE rows, positive flag, area and fold.
+
+    Without labels (a test set) every image is listed with no RLE and fold -1. Images without labels and
+    labels without images are reported on the returned `Index`, not silently dropped.
+    """
+    files = find_dicoms(dicom_dir)
+    frame = pd.DataFrame({"image_id": list(files), "path": list(files.values())})
+    if labels_csv is None:
+        frame = frame.assign(rles=[()] * len(frame), positive=False, area=0, fold=-1)
+        return Index(frame, images_without_labels=[], labels_without_images=[])
+    labelled = per_image(read_labels(labels_csv), image_size)
+    merged = frame.merge(labelled, on="image_id", how="inner")
+    images_without_labels = sorted(set(files) - set(labelled["image_id"]))
+    labels_without_images = sorted(set(labelled["image_id"]) - set(files))
+    if group_by_patient:
+        paths = tqdm(merged["path"], desc="reading PatientIDs", leave=False, disable=len(merged) < 1000)
+        patients = [_patient_id(path) for path in paths]
+        merged["patient_id"] = [p or image_id for p, image_id in zip(patients, merged["image_id"])]
+    else:
+        merged["patient_id"] = merged["image_id"]
+    merged["fold"] = assign_folds(merged["positive"].to_numpy(), merged["patient_id"].to_numpy(), n_folds, seed)
+    return Index(merged.drop(columns="n_rows"), images_without_labels, labels_without_images)
+
+
+def merged_mask(row, image_size: tuple[int, int] = (1024, 1024)) -> np.ndarray:
+    """The OR-merged bool mask of one index row."""
+    return rle.decode_merged(row["rles"], *image_size, image_id=row["image_id"])
+
