@@ -1,0 +1,121 @@
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from siim_jax import metrics
+
+
+def _square(size, top, left, side):
+    mask = np.zeros((size, size), bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+EMPTY = np.zeros((8, 8), bool)
+# 4x4 square against a 4x4 square shifted by two columns: |X∩Y| = 8, |X| = |Y| = 16.
+PRED, TRUTH = _square(8, 0, 0, 4), _square(8, 0, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "pred,truth,dice,iou",
+    [
+        (EMPTY, EMPTY, 1.0, 1.0),
+        (EMPTY, TRUTH, 0.0, 0.0),
+        (PRED, EMPTY, 0.0, 0.0),
+        (PRED, TRUTH, 0.5, 1 / 3),
+        (TRUTH, TRUTH, 1.0, 1.0),
+    ],
+)
+def test_hand_made_cases(pred, truth, dice, iou):
+    stats = metrics.per_image_stats(pred[None, ..., None].astype(np.float32), truth[None, ..., None])
+    areas = (stats["intersection"], stats["pred_area"], stats["true_area"])
+    assert metrics.dice_from_areas(*areas)[0] == pytest.approx(dice)
+    assert metrics.iou_from_areas(*areas)[0] == pytest.approx(iou)
+    assert metrics.challenge_dice(pred[None], truth[None]) == pytest.approx(dice)
+
+
+def test_challenge_dice_averages_over_images():
+    got = metrics.challenge_dice(np.stack([EMPTY, PRED, PRED]), np.stack([EMPTY, TRUTH, EMPTY]))
+    assert got == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+
+
+def test_per_image_stats_thresholds_strictly_and_uses_class_probs():
+    probs = np.array([[[0.5, 0.7], [0.2, 0.9]]], np.float32)[..., None]
+    masks = np.array([[[1, 1], [0, 0]]], np.uint8)[..., None]
+    stats = metrics.per_image_stats(probs, masks, 0.5)
+    assert {k: float(v[0]) for k, v in stats.items()} == {
+        "intersection": 1.0, "pred_area": 2.0, "true_area": 2.0, "score": pytest.approx(0.9)
+    }
+    assert float(metrics.per_image_stats(probs, masks, 0.5, class_probs=np.array([[0.25]]))["score"][0]) == 0.25
+
+
+def _brute_force_auc(scores, labels):
+    pairs = list(itertools.product(scores[labels], scores[~labels]))
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
+
+
+def _random_scores(seed, n=60):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, n) / 5.0  # many ties
+    labels = rng.random(n) < 0.4
+    return scores, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_matches_pairwise_count(seed):
+    scores, labels = _random_scores(seed)
+    assert metrics.roc_auc(scores, labels) == pytest.approx(_brute_force_auc(scores, labels))
+
+
+def test_auc_matches_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    scores, labels = _random_scores(3)
+    assert metrics.roc_auc(scores, labels) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores))
+
+
+def test_auc_is_nan_with_one_class():
+    assert np.isnan(metrics.roc_auc([0.1, 0.9], [True, True]))
+
+
+def _random_batch(seed, n=10, size=12):
+    rng = np.random.default_rng(seed)
+    probs = rng.random((n, size, size, 1)).astype(np.float32) ** 3
+    masks = rng.random((n, size, size, 1)) < 0.2
+    masks[: n // 2] = False  # half the images have empty truth
+    return probs, masks
+
+
+def test_accumulating_uneven_batches_equals_one_batch():
+    probs, masks = _random_batch(seed=4)
+    stats_fn = jax.jit(metrics.per_image_stats)
+    whole = metrics.MetricAccumulator()
+    whole.add(stats_fn(probs, masks, 0.5))
+    split = metrics.MetricAccumulator()
+    for part in np.split(np.arange(len(probs)), [3, 4]):  # batches of 3, 1 and 6 images
+        split.add(stats_fn(probs[part], masks[part], 0.5))
+    assert split.summarize() == pytest.approx(whole.summarize())
+    assert whole.summarize()["n_images"] == 10
+
+
+def test_padding_rows_are_ignored():
+    probs, masks = _random_batch(seed=5, n=6)
+    expected = metrics.MetricAccumulator()
+    expected.add(metrics.per_image_stats(probs[:4], masks[:4]))
+    padded = metrics.MetricAccumulator()
+    padded.add(metrics.per_image_stats(probs, masks), valid=np.arange(6) < 4)
+    assert padded.summarize() == pytest.approx(expected.summarize())
+
+
+def test_summary_values_match_direct_computation():
+    probs, masks = _random_batch(seed=6)
+    masks = masks[..., 0]
+    pred = probs[..., 0] > 0.5
+    accumulator = metrics.MetricAccumulator()
+    accumulator.add(metrics.per_image_stats(probs[..., 0], masks))
+    summary = accumulator.summarize()
+    positive = masks.any(axis=(1, 2))
+    assert summary["dice"] == pytest.approx(metrics.challenge_dice(pred, masks))
+    assert summary["dice_positive"] == pytest.approx(metrics.challenge_dice(pred[positive], masks[positive]))
+    assert summary["auc"] == pytest.approx(_brute_force_auc(probs.reshape(len(probs), -1).max(1), positive))
