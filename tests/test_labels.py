@@ -132,3 +132,21 @@ def test_duplicate_image_ids_are_an_error(tmp_path):
     copy.write_bytes(next(root.rglob("*.dcm")).read_bytes())
     with pytest.raises(labels.LabelError, match="duplicate ImageId 1.6.1"):
         labels.find_dicoms(root)
+
+
+def test_synthetic_dataset_round_trips_through_the_index(tmp_path):
+    from siim_jax.data import synthetic
+
+    seed = 11
+    summary = synthetic.generate(tmp_path / "synth", n_train=6, n_test=2, seed=seed, progress=False)
+    index = labels.build_index(summary.out_dir / "dicom-images-train", summary.train_csv, n_folds=2)
+    assert not index.images_without_labels and not index.labels_without_images
+    frame = index.frame.set_index("image_id")
+    assert sorted(frame.index) == sorted(summary.train_ids)
+    for position, image_id in enumerate(summary.train_ids):
+        case = synthetic.synthesize_case(seed, "train", position)
+        row = frame.loc[image_id].to_dict() | {"image_id": image_id}
+        np.testing.assert_array_equal(labels.merged_mask(row), case.mask)
+        assert row["positive"] == bool(case.mask.any()) and row["area"] == case.mask.sum()
+    test_index = labels.build_index(summary.out_dir / "dicom-images-test")
+    assert sorted(test_index.frame["image_id"]) == sorted(summary.test_ids)
