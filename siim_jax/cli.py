@@ -9,6 +9,7 @@ import sys
 # name -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "synth": ("siim_jax.data.synthetic", "write a synthetic dataset in the challenge's layout"),
+    "prepare": ("siim_jax.data.tfds_siim", "decode the challenge tree once into a TFDS cache at the training size"),
 }
 
 

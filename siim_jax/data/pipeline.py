@@ -1,0 +1,374 @@
+"""Grain datasets for training, validation and prediction.
+
+Config (``config.data``, from ``default_data_config()``):
+  root            the challenge tree: dicom-images-train/, train-rle.csv, dicom-images-test/
+  labels_csv      label file; '' means root/train-rle.csv
+  prepared_dir    '' decodes DICOMs on the fly; else the ``siim-jax prepare --out`` folder (root is then unused)
+  image_size      training size in pixels (512)
+  fold, n_folds, fold_seed    validation fold (0) of n_folds (5) patient-grouped stratified folds drawn with
+                  fold_seed (0): the same folds on the fly and prepared
+  balance.mode    'difference' (every positive, negatives up to max_difference more: 1000, the seed's way),
+                  'fraction' (every positive, negatives so positives make positive_fraction of the epoch), 'none'
+  balance.positive_fraction   a float, or a schedule ((0, 0.8), (10, 0.6), (20, 0.4)): from epoch 0 use 0.8, ...
+  augment.*       the train pipeline's knobs, see ``augment.default_augment_config``
+  workers         0 loads in the calling process (one background thread); N > 0 uses N worker processes
+  prefetch        batches each worker (or the background thread) keeps ready (2)
+  seed            seeds each epoch's draw, from (seed, epoch), and each element's augmentation, from
+                  (seed, epoch, position in the epoch)
+
+API:
+  build_datasets(config.data) -> Splits(train, val, test, report): index frames, one row per image, positional
+      (RangeIndex): image_id, rles, positive, area, patient_id, fold, and 'path' (on the fly) or 'split' and
+      'record' (prepared); the test frame also has height and width (original size).
+  steps_per_epoch(config.data, frame, epoch, global_batch_size): full global batches in that epoch's draw
+  epoch_sample(positive, epoch, config.data.balance, seed), positive_fraction_at(schedule, epoch): the draw
+  train_iterator(config.data, frame, epoch, global_batch_size, process_index=None, process_count=None,
+      sharding=None) -> grain DatasetIterator over one epoch's per-process batches (global_batch_size //
+      process_count rows each; process defaults from jax). Batch b of the epoch is the same global batch for
+      any process or worker count.
+  eval_batches(config.data, frame, global_batch_size, process_index=None, process_count=None, sharding=None):
+      every row exactly once, in order, ceil(len(frame) / global_batch_size) batches, padding rows invalid.
+  test_batches(...): as eval_batches, without 'mask' and 'positive'.
+  to_device(batch, sharding): a host batch -> global jax arrays (jax.make_array_from_process_local_data).
+  The iterators take ``sharding`` (e.g. NamedSharding(mesh, P('data'))) to hand out batches already on the mesh,
+  two ahead; worker processes (``workers``) run with one OpenCV thread each.
+
+Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when ``sharding`` is given):
+  'image' float32 (B, H, W, 3) ImageNet-normalised grey replicated to three channels; 'mask' float32
+  (B, H, W, 1) in {0, 1}; 'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that
+  cannot be decoded (blank image and mask, positive 0, logged); 'index' int32 (B,): row in the frame, -1 for padding.
+
+Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
+(orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
+``train_iterator`` for the same epoch with ``CheckpointRestore(it)`` / ``it.set_state(state)``: it continues
+with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import cv2
+import grain
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+import pydicom
+from absl import flags
+
+from siim_jax.data import rle, tfds_siim
+from siim_jax.data.augment import TrainAugment, default_augment_config, normalise
+from siim_jax.data.dicom import DicomError
+from siim_jax.data.labels import assign_folds, build_index
+
+_SAMPLE_STREAM, _AUGMENT_STREAM = 1, 2  # second entropy word: epoch draws and augmentations never share a stream
+_DEVICE_PREFETCH = 2
+
+log = logging.getLogger(__name__)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "root": "",
+            "labels_csv": "",
+            "prepared_dir": "",
+            "image_size": 512,
+            "fold": 0,
+            "n_folds": 5,
+            "fold_seed": 0,
+            "balance": {
+                "mode": "difference",
+                "max_difference": 1000,
+                "positive_fraction": ((0, 0.8), (10, 0.6), (20, 0.4)),
+            },
+            "augment": default_augment_config(),
+            "workers": 0,
+            "prefetch": 2,
+            "seed": 0,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ index
+
+
+@dataclasses.dataclass
+class Splits:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    report: str
+
+
+def _original_sizes(paths) -> list[tuple[int, int]]:
+    """(Rows, Columns) from each header; (0, 0) where the header cannot be read (the pixels will not be either)."""
+    sizes = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            sizes.append((int(ds.Rows), int(ds.Columns)))
+        except Exception:  # noqa: BLE001 - reported when the pixels are read
+            sizes.append((0, 0))
+    return sizes
+
+
+def _dicom_test_frame(test_dir: Path) -> pd.DataFrame:
+    if not test_dir.is_dir():
+        return pd.DataFrame(columns=["image_id", "path", "rles", "positive", "area", "fold", "height", "width"])
+    frame = build_index(test_dir).frame
+    sizes = np.array(_original_sizes(frame["path"]), np.int64).reshape(-1, 2)
+    return frame.assign(height=sizes[:, 0], width=sizes[:, 1])
+
+
+def build_datasets(config: ml_collections.ConfigDict) -> Splits:
+    """Index frames of the training folds, the validation fold and the test images."""
+    if config.prepared_dir:
+        builder = tfds_siim.load_prepared(config.prepared_dir, config.image_size)
+        labelled = tfds_siim.index_frame(builder, "train")
+        groups = labelled["patient_id"].fillna(labelled["image_id"]).to_numpy()
+        labelled["fold"] = assign_folds(labelled["positive"].to_numpy(bool), groups, config.n_folds, config.fold_seed)
+        labelled = labelled[labelled["record"] >= 0]  # folds first, so a skipped file moves no other image
+        test = tfds_siim.index_frame(builder, "test") if "test" in builder.info.splits else labelled.iloc[:0]
+        test = test[test["record"] >= 0].assign(fold=-1)
+        report = tfds_siim.report(builder)
+    else:
+        root = Path(config.root)
+        labels_csv = config.labels_csv or root / tfds_siim.TRAIN_CSV
+        index = build_index(root / tfds_siim.TRAIN_DIR, labels_csv, config.n_folds, config.fold_seed)
+        labelled, report = index.frame, index.report()
+        test = _dicom_test_frame(root / tfds_siim.TEST_DIR)
+    validation = labelled["fold"] == config.fold
+    return Splits(
+        train=labelled[~validation].reset_index(drop=True),
+        val=labelled[validation].reset_index(drop=True),
+        test=test.reset_index(drop=True),
+        report=report,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ epochs
+
+
+def positive_fraction_at(schedule, epoch: int) -> float:
+    """The fraction in force at `epoch`: a float, or the last (start_epoch, fraction) pair with start <= epoch."""
+    if isinstance(schedule, (int, float)):
+        return float(schedule)
+    started = [fraction for start, fraction in sorted(schedule) if start <= epoch]
+    if not started:
+        raise ValueError(f"positive_fraction schedule {schedule} has no value for epoch {epoch}")
+    return float(started[-1])
+
+
+def _negatives_to_draw(n_positive: int, n_negative: int, epoch: int, balance) -> int:
+    if balance.mode == "none":
+        return n_negative
+    if balance.mode == "difference":
+        wanted = n_positive + balance.max_difference
+    elif balance.mode == "fraction":
+        fraction = positive_fraction_at(balance.positive_fraction, epoch)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"positive fraction must lie in (0, 1], got {fraction} at epoch {epoch}")
+        wanted = round(n_positive * (1.0 - fraction) / fraction)
+    else:
+        raise ValueError(f"balance.mode must be 'difference', 'fraction' or 'none', got {balance.mode!r}")
+    return min(n_negative, wanted)
+
+
+def epoch_sample(positive: np.ndarray, epoch: int, balance, seed: int) -> np.ndarray:
+    """Frame rows of one epoch in training order: every positive and a fresh seeded draw of negatives (all of
+    them when there are too few for the balance asked). The same (seed, epoch) gives the same rows."""
+    positive = np.asarray(positive, bool)
+    positives, negatives = np.flatnonzero(positive), np.flatnonzero(~positive)
+    rng = np.random.default_rng([seed, _SAMPLE_STREAM, epoch])
+    count = _negatives_to_draw(len(positives), len(negatives), epoch, balance)
+    drawn = rng.choice(negatives, size=count, replace=False)
+    return rng.permutation(np.concatenate([positives, drawn]))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, frame: pd.DataFrame, epoch: int, global_batch_size: int) -> int:
+    """Full global batches in the epoch (the remainder of the draw is left out)."""
+    return len(epoch_sample(frame["positive"].to_numpy(bool), epoch, config.balance, config.seed)) // global_batch_size
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+class DicomSource:
+    """Decodes DICOM files and masks on the fly, resized to the training size."""
+
+    def __init__(self, frame: pd.DataFrame, image_size: int):
+        self._paths = list(frame["path"])
+        self._rles = list(frame["rles"])
+        self._image_size = image_size
+
+    def load(self, row: int) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            decoded = tfds_siim.decode_example(self._paths[row], self._rles[row], self._image_size)
+        except (DicomError, rle.RLEError) as exc:
+            log.warning("unreadable, given as an invalid blank row: %s", exc)
+            return None
+        return decoded.image, decoded.mask
+
+
+class PreparedSource:
+    """Reads images and masks already at the training size from the prepared array_record files."""
+
+    def __init__(self, frame: pd.DataFrame, prepared_dir: str, image_size: int):
+        splits = frame["split"].unique()
+        if len(splits) > 1:
+            raise ValueError(f"a frame mixes prepared splits {list(splits)}")
+        builder = tfds_siim.load_prepared(prepared_dir, image_size)
+        self._records = frame["record"].to_numpy(np.int64)
+        self._data = builder.as_data_source(split=splits[0]) if len(splits) else None
+
+    def load(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        example = self._data[int(self._records[row])]
+        return example["image"], example["mask"]
+
+
+def _source(config: ml_collections.ConfigDict, frame: pd.DataFrame) -> DicomSource | PreparedSource:
+    if config.prepared_dir:
+        return PreparedSource(frame, config.prepared_dir, config.image_size)
+    return DicomSource(frame, config.image_size)
+
+
+# ------------------------------------------------------------------------------------------------------ elements
+
+
+@dataclasses.dataclass
+class _LoadElement(grain.transforms.Map):
+    """(frame row, position in the epoch) -> one element; row -1 is a padding row."""
+
+    source: DicomSource | PreparedSource
+    positive: np.ndarray
+    image_size: int
+    labelled: bool
+    augment: TrainAugment | None = None
+    seed: int = 0
+    epoch: int = 0
+
+    def map(self, item: np.ndarray) -> dict[str, np.ndarray]:
+        row, position = int(item[0]), int(item[1])
+        loaded = self.source.load(row) if row >= 0 else None
+        if loaded is None:
+            blank = np.zeros((self.image_size, self.image_size), np.uint8)
+            image, mask = blank, blank
+        else:
+            image, mask = loaded
+            if self.augment is not None:
+                rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, self.epoch, position])
+                image, mask = self.augment(image, mask, rng)
+        element = {"image": image, "valid": np.bool_(loaded is not None), "index": np.int32(row)}
+        if self.labelled:
+            element["mask"] = mask
+            element["positive"] = np.float32(self.positive[row] if loaded is not None else 0.0)  # as the mask
+        return element
+
+
+def _collate(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks elements; images are normalised here, once per batch, straight into the float32 batch."""
+    batch = {key: np.stack([element[key] for element in elements]) for key in elements[0]}
+    batch["image"] = normalise(batch["image"])
+    if "mask" in batch:
+        batch["mask"] = batch["mask"][..., None].astype(np.float32)
+    return batch
+
+
+def _process_plan(rows: np.ndarray, global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """This process's (row, global position) pairs: its contiguous share of every global batch."""
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
+    positions = np.arange(len(rows)).reshape(-1, process_count, global_batch_size // process_count)
+    positions = positions[:, process_index].reshape(-1)
+    return np.stack([rows[positions], positions], axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------ iterators
+
+
+def _single_threaded_opencv(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    cv2.setNumThreads(1)  # the worker processes already fill the cores
+
+
+def _this_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    return (
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
+
+
+def to_device(batch: dict[str, np.ndarray], sharding) -> dict:
+    """Puts this process's rows of a global batch on the mesh as global arrays split along the batch axis."""
+    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), batch)
+
+
+def _iterate(config: ml_collections.ConfigDict, dataset: grain.MapDataset, sharding) -> grain.DatasetIterator:
+    if config.workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        workers = grain.MultiprocessingOptions(config.workers, per_worker_buffer_size=max(1, config.prefetch))
+        iterable = iterable.mp_prefetch(workers, worker_init_fn=_single_threaded_opencv)
+    else:
+        iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch))
+    if sharding is not None:
+        iterable = iterable.map(lambda batch: to_device(batch, sharding))
+        iterable = grain.experimental.ThreadPrefetchIterDataset(iterable, prefetch_buffer_size=_DEVICE_PREFETCH)
+    return iter(iterable)
+
+
+def train_iterator(
+    config: ml_collections.ConfigDict,
+    frame: pd.DataFrame,
+    epoch: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    sharding=None,
+) -> grain.DatasetIterator:
+    """One epoch of augmented, balanced training batches for this process (see the module docstring)."""
+    process_index, process_count = _this_process(process_index, process_count)
+    rows = epoch_sample(frame["positive"].to_numpy(bool), epoch, config.balance, config.seed)
+    steps = len(rows) // global_batch_size
+    if steps == 0:
+        raise ValueError(f"epoch {epoch} draws {len(rows)} images, fewer than one batch of {global_batch_size}")
+    plan = _process_plan(rows[: steps * global_batch_size], global_batch_size, process_index, process_count)
+    load = _LoadElement(
+        source=_source(config, frame),
+        positive=frame["positive"].to_numpy(bool),
+        image_size=config.image_size,
+        labelled=True,
+        augment=TrainAugment(config.augment, config.image_size),
+        seed=config.seed,
+        epoch=epoch,
+    )
+    dataset = grain.MapDataset.source(plan).map(load).batch(len(plan) // steps, batch_fn=_collate)
+    return _iterate(config, dataset, sharding)
+
+
+def _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled: bool):
+    process_index, process_count = _this_process(process_index, process_count)
+    padded = math.ceil(len(frame) / global_batch_size) * global_batch_size
+    rows = np.full(padded, -1, np.int64)
+    rows[: len(frame)] = np.arange(len(frame))
+    plan = _process_plan(rows, global_batch_size, process_index, process_count)
+    positive = frame["positive"].to_numpy(bool) if labelled else np.zeros(len(frame), bool)
+    load = _LoadElement(_source(config, frame), positive, config.image_size, labelled)
+    dataset = grain.MapDataset.source(plan).map(load).batch(global_batch_size // process_count, batch_fn=_collate)
+    return _iterate(config, dataset, sharding)
+
+
+def eval_batches(config, frame, global_batch_size, process_index=None, process_count=None, sharding=None):
+    """Every row of a labelled frame once, in order, resized and normalised; padding rows are marked invalid."""
+    return _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled=True)
+
+
+def test_batches(config, frame, global_batch_size, process_index=None, process_count=None, sharding=None):
+    """Every row of an unlabelled frame once, in order; batches hold 'image', 'valid' and 'index'."""
+    return _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled=False)

@@ -1,0 +1,148 @@
+import grain
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from siim_jax.data import pipeline
+
+from .pipeline_fixtures import IMAGE_SIZE, N_TEST, corrupt_copy, data_config
+from .pipeline_fixtures import synthetic_tree  # noqa: F401 (a fixture)
+
+
+def balance(**values) -> ml_collections.ConfigDict:
+    config = pipeline.default_data_config().balance
+    config.update(values)
+    return config
+
+
+POSITIVE = np.repeat([True, False], [50, 400])[np.random.default_rng(0).permutation(450)]
+
+
+def test_difference_mode_keeps_every_positive_and_bounds_the_negatives():
+    rows = pipeline.epoch_sample(POSITIVE, 0, balance(mode="difference", max_difference=100), seed=1)
+    assert len(set(rows)) == len(rows) == 50 + 150
+    assert POSITIVE[rows].sum() == 50
+
+
+def test_fraction_schedule_sets_each_epochs_positive_fraction():
+    schedule = balance(mode="fraction", positive_fraction=((0, 0.8), (10, 0.6), (20, 0.4)))
+    for epoch, fraction in [(0, 0.8), (9, 0.8), (10, 0.6), (25, 0.4)]:
+        rows = pipeline.epoch_sample(POSITIVE, epoch, schedule, seed=1)
+        assert POSITIVE[rows].sum() == 50
+        assert POSITIVE[rows].mean() == pytest.approx(fraction, abs=0.01)
+    assert len(pipeline.epoch_sample(POSITIVE, 0, balance(mode="fraction", positive_fraction=((0, 0.05),)), 1)) == 450
+    assert pipeline.positive_fraction_at(0.3, 7) == 0.3
+    assert len(pipeline.epoch_sample(POSITIVE, 0, balance(mode="none"), 1)) == 450
+
+
+def test_draws_repeat_per_seed_and_epoch_and_change_across_epochs():
+    config = balance(mode="difference", max_difference=0)
+    first = pipeline.epoch_sample(POSITIVE, 3, config, seed=5)
+    np.testing.assert_array_equal(first, pipeline.epoch_sample(POSITIVE, 3, config, seed=5))
+    negatives = [set(rows[~POSITIVE[rows]]) for rows in (first, pipeline.epoch_sample(POSITIVE, 4, config, 5))]
+    assert negatives[0] != negatives[1]
+    assert set(pipeline.epoch_sample(POSITIVE, 3, config, seed=6)[~POSITIVE[first]]) != negatives[0]
+
+
+@pytest.fixture(scope="module")
+def splits(synthetic_tree):
+    return pipeline.build_datasets(data_config(synthetic_tree))
+
+
+def test_splits_hold_every_image_once_with_the_test_sizes(splits):
+    assert len(splits.train) + len(splits.val) == 12 and len(splits.test) == N_TEST
+    assert (splits.val["fold"] == 0).all() and (splits.train["fold"] != 0).all()
+    assert (splits.test["height"] == 1024).all() and (splits.test["width"] == 1024).all()
+
+
+def take(iterator) -> list[dict[str, np.ndarray]]:
+    """Copies of all remaining batches (out of shared memory), then closes the iterator."""
+    batches = [{key: np.array(value) for key, value in batch.items()} for batch in iterator]
+    iterator.close()
+    return batches
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_train_batches_follow_the_epoch_draw(synthetic_tree, splits):
+    config = data_config(synthetic_tree)
+    batches = take(pipeline.train_iterator(config, splits.train, 2, 3, 0, 1))
+    rows = pipeline.epoch_sample(splits.train["positive"].to_numpy(bool), 2, config.balance, config.seed)
+    assert len(batches) == pipeline.steps_per_epoch(config, splits.train, 2, 3) == len(rows) // 3
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), rows[: len(batches) * 3])
+    batch = batches[0]
+    assert batch["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and batch["image"].dtype == np.float32
+    assert batch["mask"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 1) and set(np.unique(batch["mask"])) <= {0.0, 1.0}
+    assert batch["valid"].all() and batch["positive"].dtype == np.float32
+    np.testing.assert_array_equal(batch["positive"], splits.train["positive"].to_numpy()[batch["index"]])
+    assert_same_batches(batches, take(pipeline.train_iterator(config, splits.train, 2, 3, 0, 1)))
+
+
+def test_processes_read_their_own_share_of_each_global_batch(synthetic_tree, splits):
+    config = data_config(synthetic_tree)
+    whole = take(pipeline.train_iterator(config, splits.train, 0, 4, 0, 1))
+    shares = [take(pipeline.train_iterator(config, splits.train, 0, 4, index, 2)) for index in range(2)]
+    joined = [{key: np.concatenate([a[key], b[key]]) for key in a} for a, b in zip(*shares)]
+    assert_same_batches(whole, joined)
+
+
+def test_workers_give_the_single_process_batches(synthetic_tree, splits):
+    single = take(pipeline.train_iterator(data_config(synthetic_tree), splits.train, 1, 2, 0, 1))
+    config = data_config(synthetic_tree, workers=2, prefetch=1)
+    assert_same_batches(single, take(pipeline.train_iterator(config, splits.train, 1, 2, 0, 1)))
+
+
+def data_mesh_sharding() -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(jax.make_mesh((1,), ("data",)), jax.sharding.PartitionSpec("data"))
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_restored_iterator_state_continues_with_the_next_batches(synthetic_tree, splits, tmp_path, on_device):
+    config = data_config(synthetic_tree, prefetch=2)
+    sharding = data_mesh_sharding() if on_device else None
+    iterator = pipeline.train_iterator(config, splits.train, 0, 2, 0, 1, sharding=sharding)
+    next(iterator), next(iterator)
+    grain.checkpoint.CheckpointHandler().save(tmp_path, item=iterator)
+    expected = take(iterator)
+    restored = pipeline.train_iterator(config, splits.train, 0, 2, 0, 1, sharding=sharding)
+    grain.checkpoint.CheckpointHandler().restore(tmp_path, item=restored)
+    assert len(expected) >= 2
+    assert_same_batches(expected, take(restored))
+
+
+def test_eval_batches_cover_every_row_once_and_mark_padding(synthetic_tree, splits):
+    config = data_config(synthetic_tree)
+    shares = [take(pipeline.eval_batches(config, splits.val, 3, index, 3)) for index in range(3)]
+    rows = np.concatenate([batch["index"] for batches in zip(*shares) for batch in batches])
+    valid = np.concatenate([batch["valid"] for batches in zip(*shares) for batch in batches])
+    np.testing.assert_array_equal(rows[valid], np.arange(len(splits.val)))
+    assert (rows[~valid] == -1).all() and len(rows) % 3 == 0
+    test = take(pipeline.test_batches(config, splits.test, 2, 0, 1))
+    assert sorted(test[0]) == ["image", "index", "valid"]
+    assert np.concatenate([b["valid"] for b in test]).sum() == N_TEST
+
+
+def test_undecodable_dicom_becomes_an_invalid_blank_row(synthetic_tree, tmp_path):
+    root, image_id = corrupt_copy(synthetic_tree, tmp_path / "tree")
+    config = data_config(root, n_folds=1, fold=-1)
+    frame = pipeline.build_datasets(config).train
+    batch = take(pipeline.eval_batches(config, frame, len(frame), 0, 1))[0]
+    broken = int(np.flatnonzero(frame["image_id"] == image_id)[0])
+    assert not batch["valid"][broken] and batch["valid"].sum() == len(frame) - 1
+    assert (batch["mask"][broken] == 0).all() and batch["positive"][broken] == 0
+
+
+def test_to_device_places_the_batch_on_the_data_mesh(synthetic_tree, splits):
+    sharding = data_mesh_sharding()
+    iterator = pipeline.eval_batches(data_config(synthetic_tree), splits.val, 2, 0, 1, sharding=sharding)
+    batch = next(iterator)
+    iterator.close()
+    assert isinstance(batch["image"], jax.Array) and batch["image"].sharding == sharding
+    assert batch["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
