@@ -1,0 +1,67 @@
+"""Flax NNX encoders and the UNet, built from `config.model`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from siim_jax.models.resnet import ENCODERS, ResNetEncoder
+from siim_jax.models.unet import UNet
+
+__all__ = ["ENCODERS", "ResNetEncoder", "UNet", "build_model", "build_unfilled", "default_model_config"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: parity checks
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "encoder": "resnet50",  # a key of ENCODERS
+            "encoder_only": False,  # the bare encoder (returns its five feature maps), as converted from ImageNet
+            "classes": 1,
+            "decoder_channels": (256, 128, 64, 32, 16),
+            "attention": None,  # or "scse"
+            "cls_head": True,  # classification head on the deepest feature (smp's aux_params)
+            "cls_dropout": 0.2,
+            "dtype": "float32",  # compute dtype (or bfloat16); parameters and BatchNorm statistics stay float32
+            "remat": False,
+            "init_from": "",  # a checkpoint written by `siim-jax convert` or by training
+        }
+    )
+
+
+def compute_dtype(name: str):
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def build_model(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """A randomly initialised UNet (or bare encoder) in training mode; call `.eval()` for inference."""
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    dtype = compute_dtype(model_config.dtype)
+    if model_config.get("encoder_only", False):
+        return ResNetEncoder(model_config.encoder, dtype=dtype, remat=model_config.remat, rngs=rngs)
+    return UNet(
+        model_config.encoder,
+        classes=model_config.classes,
+        decoder_channels=tuple(model_config.decoder_channels),
+        attention=model_config.attention,
+        cls_head=model_config.cls_head,
+        cls_dropout=model_config.cls_dropout,
+        dtype=dtype,
+        remat=model_config.remat,
+        rngs=rngs,
+    )
+
+
+def build_unfilled(model_config: ml_collections.ConfigDict) -> nnx.Module:
+    """`build_model` without paying for random initialisation (slow to compile on CPU): Params and BatchStats are
+    left as `jax.ShapeDtypeStruct`s for a converter or a checkpoint restore to fill with `nnx.update`."""
+    model = nnx.eval_shape(lambda: build_model(model_config))
+    others = nnx.Not(nnx.Any(nnx.Param, nnx.BatchStat))
+    # Only the small remainder (dropout RNG state) is materialised; XLA drops the unused initialisers.
+    nnx.update(model, jax.jit(lambda: nnx.state(build_model(model_config), others))())
+    return model
