@@ -1,0 +1,213 @@
+"""Training checkpoints: one orbax CheckpointManager in `workdir/checkpoints`, and loading them for inference.
+
+Layout of `workdir/checkpoints/<step>/`:
+  state/      the TrainState (step, params, batch_stats, opt_state, ema_params, rng, plateau), orbax PyTree
+  config/     the full training config as JSON
+  data_iter/  the training iterator's position, one `process_<i>-of-<n>.json` per process (grain's handler)
+  metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'iou', 'dice_positive', 'auc', ...})
+
+Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice. A checkpoint
+without metrics (a periodic or interrupt save mid-epoch) is kept only while it is the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as policies
+
+from siim_jax import config_utils, model_io
+from siim_jax.models import build_unfilled
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "dice"
+
+log = logging.getLogger(__name__)
+
+
+def _best_metric(metrics) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+class _WithoutMetricsIsExpected(logging.Filter):
+    """Hides orbax's warning for a save without metrics: mid-epoch checkpoints have none by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_WithoutMetricsIsExpected())  # orbax logs through absl
+
+
+class TrainingCheckpoints:
+    """The checkpoint manager of a training run (a context manager; close() waits for pending saves)."""
+
+    def __init__(self, directory: str | Path, keep_best: int = 3, read_only: bool = False):
+        preservation = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=1),
+                policies.BestN(
+                    get_metric_fn=_best_metric, n=keep_best, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            best_fn=_best_metric,  # also what makes the manager write the metrics item
+            best_mode="max",
+            preservation_policy=preservation,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.directory = Path(directory).absolute()
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "data_iter": grain.checkpoint.CheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def __enter__(self) -> TrainingCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, config: ml_collections.ConfigDict, data_iterator, metrics=None) -> bool:
+        """Saves asynchronously; returns False (and saves nothing) when `step` is already saved."""
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            config=ocp.args.JsonSave(config.to_dict()),
+            data_iter=grain.checkpoint.CheckpointSave(data_iterator),
+        )
+        clean_metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self.manager.save(step, args=args, metrics=clean_metrics, force=True)
+
+    def restore_state(self, step: int, abstract_state):
+        """The TrainState saved at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
+        return self._restore_state(step, abstract_state, partial=False)
+
+    def restore_data_iterator(self, step: int, data_iterator) -> None:
+        """Moves a fresh iterator of the right epoch to where the run saved at `step` had got to."""
+        self.manager.restore(step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iterator)))
+
+    def restore_config(self, step: int) -> ml_collections.ConfigDict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return config_utils.from_dict(restored.config)
+
+    def metrics(self, step: int) -> dict | None:
+        return self.manager.metrics(step)
+
+    def best_steps(self, count: int) -> list[int]:
+        """Up to `count` steps with validation metrics, best Dice first."""
+        scored = [(self.metrics(step), step) for step in self.all_steps()]
+        scored = [(_best_metric(m), step) for m, step in scored if m is not None]
+        return [step for _, step in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
+
+    def restore_weights(self, step: int, abstract_weights: dict) -> dict:
+        """Only the TrainState fields named in `abstract_weights` (a partial restore)."""
+        return dict(self._restore_state(step, abstract_weights, partial=True))
+
+    def _restore_state(self, step: int, target, partial: bool):
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=partial)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+
+
+def checkpoint_directory(path: str | Path) -> Path:
+    """`path/checkpoints` for a training workdir, else `path` itself."""
+    path = Path(path)
+    return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+
+
+def _select_steps(checkpoints: TrainingCheckpoints, step: int | None, best: bool, average_top: int) -> list[int]:
+    available = checkpoints.all_steps()
+    if not available:
+        raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
+    if average_top > 0:
+        steps = checkpoints.best_steps(average_top)
+        if len(steps) < average_top:
+            raise ValueError(
+                f"average_top={average_top} but only {len(steps)} checkpoints in {checkpoints.directory} have "
+                f"validation metrics (steps {steps})"
+            )
+        return steps
+    if best:
+        steps = checkpoints.best_steps(1)
+        if not steps:
+            raise ValueError(f"no checkpoint in {checkpoints.directory} has validation metrics")
+        return steps
+    if step is None:
+        return [available[-1]]
+    if step not in available:
+        raise ValueError(f"step {step} is not saved in {checkpoints.directory}; saved steps: {available}")
+    return [step]
+
+
+def _mean(trees: list):
+    return jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
+
+
+def restore_for_inference(
+    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0
+) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+    """(model in eval mode, config) from a training workdir, its checkpoints dir, or a `model_io` model dir.
+
+    From training checkpoints: the latest step, or `step`, or the best validation Dice (`best`), or the
+    parameters and batch statistics averaged over the `average_top` best steps. The weights are the EMA ones
+    when the run kept an EMA (`optim.ema_decay > 0`); batch statistics are always the trained ones. The config
+    is the run's full config. A model dir holds one set of weights; its config is returned as
+    `ConfigDict({'model': model_config})`.
+    """
+    path = Path(path)
+    if (path / model_io.CONFIG_FILE).is_file():
+        if step is not None or best or average_top:
+            raise ValueError(f"{path} is a model directory with one set of weights: step/best/average_top do not apply")
+        model, model_config = model_io.load_model(path)
+        return model, ml_collections.ConfigDict({"model": model_config})
+    with TrainingCheckpoints(checkpoint_directory(path), read_only=True) as checkpoints:
+        steps = _select_steps(checkpoints, step, best, average_top)
+        config = checkpoints.restore_config(steps[0])
+        model = build_unfilled(config.model)
+        graph, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        use_ema = config.optim.ema_decay > 0
+        target = {"params": params, "batch_stats": batch_stats}
+        if use_ema:
+            target["ema_params"] = params
+        weights = _mean([checkpoints.restore_weights(s, target) for s in steps])
+    log.info("restored %s step(s) %s%s", checkpoints.directory, steps, " (EMA weights)" if use_ema else "")
+    model = nnx.merge(graph, weights["ema_params" if use_ema else "params"], weights["batch_stats"], rest)
+    model.eval()
+    return model, config
+
+
+def load_initial_weights(model: nnx.Module, path: str | Path) -> None:
+    """`config.model.init_from`: a `model_io` directory, or a training run whose best step is taken.
+
+    Either way `model_io.load_into` does the loading, with its checks that the networks match.
+    """
+    if (Path(path) / model_io.CONFIG_FILE).is_file():
+        model_io.load_into(model, path)
+        return
+    trained, config = restore_for_inference(path, best=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_io.save_model(Path(scratch) / "model", trained, config.model)
+        model_io.load_into(model, Path(scratch) / "model")

@@ -1,0 +1,102 @@
+"""Optimizers and learning-rate schedules from `config.optim`.
+
+The optimizer built here is the update direction only (clipping, coupled weight decay, Adam or RAdam); the train
+step multiplies it by `-learning_rate(step) * lr_scale`, where `lr_scale` is the reduce-on-plateau factor carried in
+the train state. Keeping the rate outside optax puts the schedule, the plateau factor and the logged value in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine", "plateau")
+OPTIMIZERS = ("adam", "radam")
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {
+            "name": "adam",  # one of OPTIMIZERS
+            "lr": 1e-4,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.0,  # coupled L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
+            "clip_norm": 0.0,  # global-norm clipping of the gradient; 0 = off
+            "schedule": "constant",  # one of SCHEDULES
+            "warmup_steps": 0,  # linear warm-up from 0, for every schedule
+            "final_lr_fraction": 0.0,  # warmup_cosine ends at lr * final_lr_fraction
+            "plateau_factor": 0.5,  # plateau: multiply the rate by this when validation Dice stalls ...
+            "plateau_patience": 3,  # ... for this many evaluations ...
+            "plateau_min_scale": 0.01,  # ... but never below lr * plateau_min_scale
+            "ema_decay": 0.0,  # exponential moving average of the weights; 0 = off
+        }
+    )
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient → update direction: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments.
+
+    Clipping comes first and the decay is added after it, as `clip_grad_norm_` then `Adam(weight_decay=...)`
+    do in PyTorch.
+    """
+    if optim_config.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {optim_config.name!r}")
+    moments = {"adam": optax.scale_by_adam, "radam": optax.scale_by_radam}[optim_config.name]
+    parts = []
+    if optim_config.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim_config.clip_norm))
+    if optim_config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(optim_config.weight_decay))
+    parts.append(moments(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps))
+    return optax.chain(*parts)
+
+
+def make_schedule(optim_config: ml_collections.ConfigDict, total_steps: int) -> Callable:
+    """step → base learning rate (before the plateau factor)."""
+    if optim_config.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim_config.schedule!r}")
+    lr, warmup = optim_config.lr, optim_config.warmup_steps
+    if optim_config.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * optim_config.final_lr_fraction
+        )
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+@flax.struct.dataclass
+class PlateauState:
+    """Reduce-on-plateau bookkeeping, kept in the train state so that a resumed run continues it."""
+
+    scale: jnp.ndarray  # float32 factor on the learning rate
+    best: jnp.ndarray  # float32 best validation Dice seen
+    bad_evaluations: jnp.ndarray  # int32 evaluations since `best` last improved
+
+    @classmethod
+    def initial(cls) -> PlateauState:
+        return cls(np.float32(1.0), np.float32(-np.inf), np.int32(0))
+
+
+def plateau_update(plateau: PlateauState, dice: float, optim_config: ml_collections.ConfigDict) -> PlateauState:
+    """Host-side update after an evaluation, like torch's ReduceLROnPlateau(mode='max', threshold=0).
+
+    A NaN Dice counts as no improvement. Schedules other than 'plateau' keep the scale at 1.
+    """
+    if optim_config.schedule != "plateau":
+        return plateau
+    best, bad, scale = float(plateau.best), int(plateau.bad_evaluations), float(plateau.scale)
+    if dice > best:
+        best, bad = dice, 0
+    else:
+        bad += 1
+    if bad > optim_config.plateau_patience:
+        scale, bad = max(scale * optim_config.plateau_factor, optim_config.plateau_min_scale), 0
+    return PlateauState(np.float32(scale), np.float32(best), np.int32(bad))

@@ -1,0 +1,382 @@
+"""Training: `siim-jax train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`.
+
+One jitted step over a data-parallel mesh of every device; validation Dice after each epoch; checkpoints of the
+latest and the best steps in `DIR/checkpoints`; metrics in `DIR/metrics.jsonl`, `DIR/tensorboard/` and
+`DIR/curves.png`. A run resumes from its latest checkpoint unless `--no-resume`, and continues exactly: the same
+next batch, dropout keys and schedule step. SIGINT or SIGTERM saves the current step and exits; a non-finite
+loss stops the run naming the step, leaving the checkpoints as they were. Images left out of training (malformed
+labels, unreadable files; see `data.strict`) are listed with the reason in `DIR/skipped.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from siim_jax import config_utils, optim
+from siim_jax import sharding as sharding_lib
+from siim_jax.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
+from siim_jax.data import pipeline
+from siim_jax.data.dicom import DicomError
+from siim_jax.data.labels import LabelError
+from siim_jax.logging_utils import MetricWriter
+from siim_jax.losses import make_loss
+from siim_jax.metrics import MetricAccumulator
+from siim_jax.models import build_model, build_unfilled
+from siim_jax.train_state import EVAL_INPUTS, TRAIN_INPUTS, create_train_state, make_eval_step, make_train_step
+
+SKIPPED_FILE = "skipped.csv"  # images left out of training or validation, and why
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ bookkeeping
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """Steps of each epoch (balanced resampling can change them from epoch to epoch) and where the run stops."""
+
+    steps: tuple[int, ...]
+    total_steps: int
+
+    @classmethod
+    def build(cls, config: ml_collections.ConfigDict, frame) -> EpochPlan:
+        steps = tuple(
+            pipeline.steps_per_epoch(config.data, frame, epoch, config.train.batch_size)
+            for epoch in range(config.train.epochs)
+        )
+        total = sum(steps) if config.train.max_steps <= 0 else min(sum(steps), config.train.max_steps)
+        return cls(steps, total)
+
+    def start(self, epoch: int) -> int:
+        return sum(self.steps[:epoch])
+
+    def end(self, epoch: int) -> int:
+        return min(self.start(epoch + 1), self.total_steps)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, steps already taken in it) of the run after `step` steps."""
+        for epoch in range(len(self.steps)):
+            if step < self.start(epoch + 1):
+                return epoch, step - self.start(epoch)
+        return len(self.steps), 0
+
+
+class PendingMetrics:
+    """Per-step metrics left on the device until a log step, then fetched at once and checked."""
+
+    def __init__(self):
+        self._steps: list[int] = []
+        self._metrics: list[dict] = []
+        self._since = time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._steps.append(step)
+        self._metrics.append(metrics)
+
+    def flush(self, images_per_step: int) -> dict[str, float]:
+        """Means since the last flush, and images/s; raises NonFiniteLossError naming the first bad step."""
+        if not self._metrics:
+            return {}
+        fetched = jax.device_get(self._metrics)
+        for step, metrics in zip(self._steps, fetched):
+            if not np.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite loss {float(metrics['loss'])} at step {step} (components: "
+                    f"{ {k: float(v) for k, v in metrics.items()} }); stopping without saving this state"
+                )
+        now = time.perf_counter()
+        means = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[0]}
+        means["images_per_s"] = len(fetched) * images_per_step / max(now - self._since, 1e-9)
+        self._steps, self._metrics, self._since = [], [], now
+        return means
+
+    def restart_clock(self) -> None:
+        self._since = time.perf_counter()
+
+
+class StopSignals:
+    """Turns SIGINT / SIGTERM into a request to save and stop; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("%s received: saving a checkpoint and stopping", signal.Signals(signum).name)
+        self.received = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self, sync: bool) -> bool:
+        """Whether to stop now. Across processes the answer must agree: with `sync`, any process's signal
+        counts (a collective, so it is asked only at log steps); without, a multi-process run says no."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        if not sync:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+        self.received = self.received or (int(flags.max()) or None)
+        return self.received is not None
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def init_model(model_config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
+    """The model in training mode, randomly initialised from `seed`, then loaded from `init_from` if set.
+
+    Initialisation is one jitted program drawing from an 'rbg' key: op-by-op init, and threefry's hash rounds
+    over millions of weights, take minutes to compile on CPU.
+    """
+    model = build_unfilled(model_config)
+
+    def initial_weights():
+        fresh = build_model(model_config, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+        return nnx.state(fresh, (nnx.Param, nnx.BatchStat))
+
+    weights = jax.jit(initial_weights)()
+    nnx.update(model, weights)
+    model.train()
+    if model_config.init_from:
+        load_initial_weights(model, model_config.init_from)
+    return model
+
+
+def check_batch_sizes(train_config: ml_collections.ConfigDict, devices: int) -> None:
+    """Every micro-batch and evaluation batch must split evenly over the devices."""
+    micro_batch = train_config.batch_size // max(train_config.grad_accum, 1)
+    if train_config.grad_accum < 1 or micro_batch * train_config.grad_accum != train_config.batch_size:
+        raise ValueError(
+            f"train.batch_size={train_config.batch_size} must be a multiple of train.grad_accum={train_config.grad_accum}"
+        )
+    for name, size in (("batch_size / grad_accum", micro_batch), ("eval_batch_size", eval_batch_size(train_config))):
+        if size % devices:
+            raise ValueError(f"train.{name} = {size} must be a multiple of the {devices} devices")
+
+
+def eval_batch_size(train_config: ml_collections.ConfigDict) -> int:
+    return train_config.eval_batch_size or train_config.batch_size
+
+
+def evaluate(eval_step, state, config: ml_collections.ConfigDict, frame, mesh, skipped_csv=None) -> dict[str, float]:
+    """Challenge metrics over every image of `frame` (padding and unreadable rows left out, the latter added to
+    `skipped_csv`)."""
+    batches = pipeline.eval_batches(
+        config.data, frame, eval_batch_size(config.train), sharding=sharding_lib.batch_sharding(mesh),
+        skipped_csv=skipped_csv,
+    )
+    params = state.eval_params
+    outputs = [eval_step(params, state.batch_stats, {k: batch[k] for k in EVAL_INPUTS}) for batch in batches]
+    accumulator = MetricAccumulator()
+    for stats in jax.device_get(outputs):
+        accumulator.add(stats, valid=stats["valid"])
+    return accumulator.summarize()
+
+
+def _prefixed(prefix: str, values: dict) -> dict[str, float]:
+    return {f"{prefix}/{name}": value for name, value in values.items()}
+
+
+def _log_train(step: int, pending: PendingMetrics, writer: MetricWriter, progress, result: dict, batch_size: int):
+    """Fetches the pending step metrics (checking the loss), writes their means and shows them on the bar."""
+    means = pending.flush(batch_size)
+    if means:
+        writer.write(step, _prefixed("train", means))
+        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_s']:.1f}")
+        result["train_loss"] = means["loss"]
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool = True) -> dict:
+    """Trains (or resumes) per `config` in `workdir`; returns the last validation metrics and how the run ended.
+
+    Result keys: 'step', 'dice', 'iou', 'dice_positive', 'auc', 'n_images' (of the last evaluation, also read
+    back from the checkpoint when there was nothing left to train), 'train_loss' (mean over the last logging
+    window, NaN if none) and 'stopped_by' (None, 'SIGINT' or 'SIGTERM').
+    """
+    config = config_utils.from_dict(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding_lib.data_mesh()
+    check_batch_sizes(config.train, mesh.size)
+    splits = pipeline.build_datasets(config.data)
+    skipped_csv = workdir / SKIPPED_FILE
+    if jax.process_index() == 0:
+        pipeline.write_skipped(skipped_csv, splits.skipped)  # also the first write: an unwritable workdir fails here
+    if len(splits.skipped):
+        log.warning("%d images left out of training, listed with the reasons in %s", len(splits.skipped), skipped_csv)
+    plan = EpochPlan.build(config, splits.train)
+
+    optimizer = optim.make_optimizer(config.optim)
+    model_def, state = create_train_state(
+        init_model(config.model, config.train.seed), optimizer, config.train.seed, ema=config.optim.ema_decay > 0
+    )
+    state = sharding_lib.replicate(state, mesh)
+    train_step = make_train_step(
+        model_def,
+        make_loss(config.loss),
+        optimizer,
+        optim.make_schedule(config.optim, plan.total_steps),
+        mesh,
+        grad_accum=config.train.grad_accum,
+        ema_decay=config.optim.ema_decay,
+    )
+    eval_step = make_eval_step(model_def, mesh, config.train.threshold)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    primary = jax.process_index() == 0
+    result = {"train_loss": float("nan"), "stopped_by": None}
+    with (
+        TrainingCheckpoints(workdir / CHECKPOINT_DIR, config.train.keep_best) as checkpoints,
+        MetricWriter(workdir) as writer,
+        StopSignals() as stop,
+    ):
+        step = checkpoints.latest_step() if resume else None
+        if step is not None:
+            state = checkpoints.restore_state(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+            log.info("resumed from step %d", step)
+            result.update(checkpoints.metrics(step) or {})
+        else:
+            step = 0
+            if checkpoints.all_steps():
+                raise FileExistsError(f"{workdir / CHECKPOINT_DIR} already has checkpoints; resume or use a new workdir")
+            if config.train.eval_at_start:
+                writer.write(0, _prefixed("val", evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)))
+        pending = PendingMetrics()
+        epoch, offset = plan.locate(step)
+        while step < plan.total_steps:
+            iterator = pipeline.train_iterator(
+                config.data, splits.train, epoch, config.train.batch_size, sharding=batch_sharding,
+                skipped_csv=skipped_csv,
+            )
+            if offset:
+                checkpoints.restore_data_iterator(step, iterator)
+            end = plan.end(epoch)
+            progress = tqdm(total=end - plan.start(epoch), initial=offset, desc=f"epoch {epoch}", disable=not primary)
+            while step < end:
+                batch = next(iterator)
+                state, metrics = train_step(state, {k: batch[k] for k in TRAIN_INPUTS})
+                step += 1
+                pending.add(step, metrics)
+                progress.update()
+                log_now = step % config.train.log_every_steps == 0 or step == end
+                if log_now:
+                    _log_train(step, pending, writer, progress, result, config.train.batch_size)
+                if step == end:
+                    break  # the epoch's end evaluates and saves, also when a signal came in meanwhile
+                save_now = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
+                stopping = stop.requested(sync=log_now)
+                if stopping or save_now:
+                    _log_train(step, pending, writer, progress, result, config.train.batch_size)
+                    checkpoints.save(step, state, config, iterator)
+                if stopping:
+                    break
+            progress.close()
+            if step < end:  # stopped by a signal
+                break
+            val_metrics = None
+            if (epoch + 1) % config.train.eval_every_epochs == 0 or step == plan.total_steps:
+                val_metrics = evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)
+                state = state.replace(
+                    plateau=sharding_lib.replicate(
+                        optim.plateau_update(jax.device_get(state.plateau), val_metrics["dice"], config.optim), mesh
+                    )
+                )
+                writer.write(step, {**_prefixed("val", val_metrics), "epoch": epoch + 1})
+                result.update(val_metrics)
+                if primary:
+                    log.info("epoch %d step %d: %s", epoch, step, val_metrics)
+            checkpoints.save(step, state, config, iterator, metrics=val_metrics)
+            writer.plot()
+            pending.restart_clock()  # images/s counts training time only
+            epoch, offset = epoch + 1, 0
+            if stop.requested(sync=True):
+                break
+    result.update(step=step, stopped_by=None if stop.received is None else signal.Signals(stop.received).name)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file, optionally with an argument: configs/x.py[:arg]")
+    parser.add_argument("--workdir", required=True, type=Path, help="checkpoints, metrics and curves go here")
+    parser.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=True,
+        help="continue from the workdir's latest checkpoint when it has one (default)",
+    )
+    parser.add_argument("--coordinator-address", help="multi-process runs: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="multi-process runs: how many processes")
+    parser.add_argument("--process-id", type=int, help="multi-process runs: this process's index")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="config.a.b=value",
+        help="config overrides; also accepted as --config.a.b=value",
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Like `parser.parse_args`, also taking `--config.a.b=value` overrides (argparse cannot declare them)."""
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [arg for arg in unknown if arg.startswith("--config.")]
+    others = [arg for arg in unknown if not arg.startswith("--config.")]
+    if others:
+        parser.error(f"unrecognized arguments: {' '.join(others)}")
+    args.overrides = list(args.overrides) + overrides
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sharding_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
+    except config_utils.ConfigError as error:
+        print(f"siim-jax train: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train_and_evaluate(config, args.workdir, resume=args.resume)
+    except (NonFiniteLossError, OSError, LabelError, DicomError) as error:  # each names the step or file at fault
+        print(f"siim-jax train: {error}", file=sys.stderr)
+        return 1
+    log.info("finished: %s", result)
+    return 130 if result["stopped_by"] == "SIGINT" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="siim-jax train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parse_args(parser, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The data-parallel step on 8 CPU devices gives the parameters of the same step on one device."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+
+
+def run_worker(out: Path, *args: str) -> None:
+    subprocess.run([sys.executable, str(WORKER), str(out), *args], check=True, timeout=300)
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return dict(data)
+
+
+def assert_same_params(actual: dict, expected: dict, atol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_eight_devices_match_one_after_two_steps(tmp_path, accum):
+    run_worker(tmp_path / "one.npz", "--devices", "1", "--accum", str(accum))
+    run_worker(tmp_path / "eight.npz", "--devices", "8", "--accum", str(accum))
+    one, eight = load(tmp_path / "one.npz"), load(tmp_path / "eight.npz")
+    assert_same_params(eight, one, atol=1e-5)
+    moved = [name for name in one if name.startswith("final") and not np.allclose(one[name], one["initial" + name[5:]])]
+    assert moved  # the steps did change the weights

@@ -1,0 +1,149 @@
+"""End-to-end training on a small synthetic set: it learns, resumes exactly after SIGTERM, and stops on NaN.
+
+The resume and NaN runs use `tests.tiny_model` in place of the UNet (they test the loop, not the network); the
+learning check trains the real UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from siim_jax import config_utils, models, train
+from siim_jax.checkpoints import TrainingCheckpoints, restore_for_inference
+from siim_jax.data import synthetic
+from siim_jax.logging_utils import read_history
+from tests.tiny_model import build_tiny_model
+
+EPOCHS, STEPS_PER_EPOCH = 3, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs of one config compile the same steps; the persistent cache makes every run after the first cheap."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic_train") / "tree"
+    synthetic.generate(root, n_train=24, n_test=0, seed=5, positive_fraction=0.5, difficulty=0.0, progress=False)
+    return root
+
+
+def small_config(root, image_size: int = 32, **train_overrides):
+    """The demo config shrunk: 16 training images without augmentation, 4 steps an epoch, 8 validation images."""
+    config = config_utils.load_config(f"configs/demo.py:{root}")
+    config.model.decoder_channels = (16, 8, 8, 8, 8)
+    config.data.image_size = image_size
+    config.data.n_folds = 3
+    config.data.balance.mode = "none"
+    config.data.prefetch = 1
+    config.data.augment.update(hflip_p=0.0, affine_p=0.0, noise_p=0.0)
+    config.loss.weights = {"bce": 1.0, "dice": 1.0}
+    config.optim.update(lr=3e-3, warmup_steps=2)
+    config.train.update({"epochs": EPOCHS, "batch_size": 4, "eval_batch_size": 8, "log_every_steps": 2, **train_overrides})
+    return config
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setattr(models, "build_model", build_tiny_model)
+    monkeypatch.setattr(train, "build_model", build_tiny_model)
+
+
+def final_weights(workdir) -> list:
+    """(path, array) of the latest checkpoint's parameters and batch statistics."""
+    model, _ = restore_for_inference(workdir)
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    return [(path, np.asarray(leaf)) for path, leaf in leaves]
+
+
+def wrap_train_step(monkeypatch, action):
+    """Makes the loop's train step call `action(call_number, batch) -> batch` before each step."""
+    make = train.make_train_step
+
+    def make_wrapped(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+        calls = itertools.count(1)
+        return lambda state, batch: step_fn(state, action(next(calls), batch))
+
+    monkeypatch.setattr(train, "make_train_step", make_wrapped)
+
+
+def test_training_lowers_the_loss_and_raises_the_validation_dice(synthetic_root, tmp_path):
+    config = small_config(synthetic_root, epochs=10, eval_every_epochs=5)  # 40 steps of the ResNet18 UNet at 32²
+    result = train.train_and_evaluate(config, tmp_path)
+    history = read_history(tmp_path / "metrics.jsonl")
+    losses = [record["train/loss"] for record in history if "train/loss" in record]
+    val = [record for record in history if "val/dice" in record]
+    assert result["step"] == 10 * STEPS_PER_EPOCH and result["stopped_by"] is None
+    assert [record["step"] for record in val] == [0, 20, 40]
+    assert losses[-1] < 0.8 * losses[0]
+    assert val[-1]["val/dice"] > val[0]["val/dice"] + 0.1
+    assert val[-1]["val/dice_positive"] > val[0]["val/dice_positive"]
+    assert result["dice"] == pytest.approx(val[-1]["val/dice"])
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resuming_after_sigterm_reaches_the_uninterrupted_weights(tiny_model, synthetic_root, tmp_path, monkeypatch):
+    config = small_config(synthetic_root)
+    uninterrupted = train.train_and_evaluate(config, tmp_path / "uninterrupted")
+
+    def terminate_at_step_6(call, batch):
+        if call == 6:  # mid-epoch: the resumed run must restore the data iterator's position
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    with monkeypatch.context() as patch:
+        wrap_train_step(patch, terminate_at_step_6)
+        stopped = train.train_and_evaluate(config, tmp_path / "resumed")
+    assert stopped["stopped_by"] == "SIGTERM" and stopped["step"] == 6
+    resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+    assert resumed["step"] == EPOCHS * STEPS_PER_EPOCH and resumed["stopped_by"] is None
+    expected = final_weights(tmp_path / "uninterrupted")
+    for (path, actual), (_, wanted) in zip(final_weights(tmp_path / "resumed"), expected, strict=True):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert resumed["dice"] == pytest.approx(uninterrupted["dice"])
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_model, synthetic_root, tmp_path, monkeypatch
+):
+    wrap_train_step(monkeypatch, lambda call, batch: {**batch, "image": batch["image"] * jnp.nan} if call == 3 else batch)
+    config = small_config(synthetic_root, checkpoint_every_steps=1, log_every_steps=100, eval_at_start=False)
+    with pytest.raises(train.NonFiniteLossError, match="at step 3"):
+        train.train_and_evaluate(config, tmp_path)
+    with TrainingCheckpoints(tmp_path / "checkpoints", read_only=True) as checkpoints:
+        assert checkpoints.all_steps() == [2]
+    assert all(np.isfinite(leaf).all() for _, leaf in final_weights(tmp_path))
+
+
+def parsed(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return train.parse_args(parser, argv)
+
+
+def test_command_line_overrides_and_config_errors(tmp_path, capsys):
+    args = parsed(["--config", "configs/demo.py:/data", "--workdir", str(tmp_path), "--config.train.epochs=3",
+                   "config.model.attention=scse"])
+    assert args.overrides == ["config.model.attention=scse", "--config.train.epochs=3"]
+    config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
+    assert (config.train.epochs, config.model.attention, config.data.root) == (3, "scse", "/data")
+    assert train.run(parsed(["--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.train.epoch=3"])) == 2
+    assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parsed(["--config", "configs/demo.py", "--workdir", str(tmp_path), "--bogus"])
