@@ -1,0 +1,166 @@
+"""Challenge metrics of a checkpoint on labelled images, with a per-image CSV and optional pictures.
+
+    siim-jax evaluate --checkpoint DIR --data DICOM_DIR --labels CSV [--fold K] --out per_image.csv
+
+Masks are predicted exactly as `predict` writes them (original size, post-processing from `--postprocess`) and
+compared with the merged label masks at the original size. Prints the mean challenge Dice, IoU, Dice over the
+positive images and the image-level ROC AUC of the positive score (class probability, or else the largest
+pixel probability). An unreadable image counts as predicted empty, as it would in a submission.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from siim_jax.data.labels import build_index, merged_mask
+from siim_jax.metrics import MetricAccumulator, dice_from_areas, iou_from_areas
+from siim_jax.overlays import OverlayWriter
+from siim_jax.postprocess import PostProcess
+from siim_jax.predict import (
+    Inference,
+    Prediction,
+    add_model_arguments,
+    add_overlay_arguments,
+    load_inference,
+    overlay_sample,
+)
+
+PER_IMAGE_COLUMNS = ("ImageId", "dice", "iou", "true_area", "pred_area", "score")
+
+
+# ---------------------------------------------------------------------------------------------------- labelled data
+
+
+def add_labelled_data_arguments(parser: argparse.ArgumentParser, fold_help: str) -> None:
+    """--data/--labels/--fold, shared with `tune`; defaults come from the checkpoint's training config."""
+    parser.add_argument("--data", type=Path,
+                        help="folder of labelled DICOMs (default: the training config's dicom-images-train)")
+    parser.add_argument("--labels", type=Path, help="label CSV (default: the training config's label file)")
+    parser.add_argument("--fold", type=int, help=fold_help)
+
+
+def labelled_frame(dicom_dir, labels_csv, fold: int | None, data_config=None) -> pd.DataFrame:
+    """One row per labelled image (image_id, path, rles, positive, area, fold), of one fold or all.
+
+    Folds are drawn as training draws them, from `data_config`'s n_folds and fold_seed (defaults 5 and 0).
+    """
+    n_folds = int(data_config.n_folds) if data_config is not None else 5
+    fold_seed = int(data_config.fold_seed) if data_config is not None else 0
+    frame = build_index(dicom_dir, labels_csv, n_folds=n_folds, seed=fold_seed, strict=False).frame  # as training
+    if fold is not None:
+        if not 0 <= fold < n_folds:
+            raise ValueError(f"fold must lie in [0, {n_folds}), got {fold}")
+        frame = frame[frame["fold"] == fold]
+    if frame.empty:
+        raise ValueError(f"no labelled images in {dicom_dir}" + (f" fold {fold}" if fold is not None else ""))
+    return frame.reset_index(drop=True)
+
+
+def frame_items(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (ImageId, path) items of an index frame, as `Inference.predictions` takes them."""
+    return list(zip(frame["image_id"], frame["path"]))
+
+
+def resolve_labelled_data(args: argparse.Namespace, config) -> tuple[Path, Path, object]:
+    """(DICOM folder, label CSV, data config or None) from the flags, else from the training config."""
+    data_config = config.data if "data" in config else None
+    if args.data and args.labels:
+        return args.data, args.labels, data_config
+    if data_config is None or not data_config.root:
+        raise SystemExit("the checkpoint's config names no data root: pass --data and --labels")
+    from siim_jax.data.tfds_siim import TRAIN_CSV, TRAIN_DIR  # the challenge's layout
+
+    root = Path(data_config.root)
+    labels = args.labels or Path(data_config.labels_csv or root / TRAIN_CSV)
+    return args.data or root / TRAIN_DIR, labels, data_config
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def positive_score(prediction: Prediction) -> float:
+    """Image-level positive score: the class probability, or else the largest pixel probability (0 if unread)."""
+    if prediction.class_prob is not None:
+        return prediction.class_prob
+    return 0.0 if prediction.prob is None else float(prediction.prob.max())
+
+
+def evaluate_images(
+    inference: Inference, frame: pd.DataFrame, postprocess: PostProcess = PostProcess(), overlays=None
+) -> pd.DataFrame:
+    """Per-image results (columns PER_IMAGE_COLUMNS) of the frame's images, in its order."""
+    rows = []
+    for prediction in inference.predictions(frame_items(frame), desc="evaluate"):
+        image, score = prediction.image, positive_score(prediction)
+        label_row = frame.iloc[image.index]
+        mask = prediction.mask(postprocess)
+        if mask is None:  # unreadable: an empty prediction; the truth's area comes from the label rows
+            rows.append((image.image_id, 0, 0, int(label_row["area"]), score))
+            continue
+        truth = merged_mask(label_row, image.pixels.shape)
+        areas = (int(np.count_nonzero(mask & truth)), int(mask.sum()), int(truth.sum()))
+        rows.append((image.image_id, *areas, score))
+        if overlays is not None:
+            overlays.add(image.index, image.image_id, image.pixels, mask, truth, float(dice_from_areas(*areas)))
+    return per_image_table(rows)
+
+
+def per_image_table(rows: list[tuple]) -> pd.DataFrame:
+    """The table of (ImageId, intersection, pred_area, true_area, score) rows, with each image's Dice and IoU."""
+    table = pd.DataFrame(rows, columns=["ImageId", "intersection", "pred_area", "true_area", "score"])
+    areas = (table["intersection"], table["pred_area"], table["true_area"])
+    table.insert(1, "dice", dice_from_areas(*areas))
+    table.insert(2, "iou", iou_from_areas(*areas))
+    return table
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """Challenge Dice, IoU, positive-only Dice, AUC and the image count of a per-image table."""
+    accumulator = MetricAccumulator()
+    accumulator.add({name: table[name].to_numpy() for name in ("intersection", "pred_area", "true_area", "score")})
+    return accumulator.summarize()
+
+
+def format_summary(summary: dict[str, float]) -> str:
+    return (
+        f"challenge Dice {summary['dice']:.4f}  IoU {summary['iou']:.4f}  "
+        f"positive-only Dice {summary['dice_positive']:.4f}  AUC {summary['auc']:.4f}  "
+        f"({summary['n_images']} images)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_labelled_data_arguments(parser, "evaluate this fold of the training folds only (default: every image)")
+    parser.add_argument("--out", required=True, type=Path, help="per-image CSV to write")
+    parser.add_argument("--postprocess", type=Path, metavar="JSON", help="from `siim-jax tune` (default: 0.5)")
+    add_overlay_arguments(parser)
+    parser.add_argument("--sheet-size", type=int, default=8, metavar="N",
+                        help="with --overlays: best and worst N cases in contact_sheet.png (8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    postprocess = PostProcess.from_json(args.postprocess) if args.postprocess else PostProcess()
+    inference, config = load_inference(args)
+    dicom_dir, labels, data_config = resolve_labelled_data(args, config)
+    frame = labelled_frame(dicom_dir, labels, args.fold, data_config)
+    overlays = None
+    if args.overlays:
+        sample = overlay_sample(len(frame), args.overlay_count)
+        overlays = OverlayWriter(args.overlays, sample=sample, sheet_size=args.sheet_size)
+    table = evaluate_images(inference, frame, postprocess, overlays)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table[list(PER_IMAGE_COLUMNS)].to_csv(args.out, index=False)
+    print(format_summary(summarize(table)))
+    print(f"wrote {args.out}")
+    if overlays is not None:
+        sheet = overlays.finish()
+        print(f"wrote {len(overlays.written)} overlays" + (f" and {sheet}" if sheet else "") + f" in {args.overlays}")
+    return 0

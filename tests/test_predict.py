@@ -1,0 +1,307 @@
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from flax import nnx
+
+from siim_jax.data import rle
+from siim_jax.data.dicom import DicomError
+from siim_jax.overlays import OverlayWriter, read_png
+from siim_jax.postprocess import PostProcess
+from siim_jax.predict import (
+    Inference,
+    Predictor,
+    SubmissionError,
+    UnreadableImageWarning,
+    predict_probabilities,
+    predict_submission,
+    submission_items,
+    write_submission,
+)
+
+from . import dicom_factory as factory
+
+MODEL_SIZE = 32
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+class Brightness(nnx.Module):
+    """Mask logits that grow with the input's brightness, plus a class logit: masks follow the bright pixels."""
+
+    def __call__(self, x):
+        logits = 6.0 * x[..., :1] - 3.0
+        return logits, logits.mean(axis=(1, 2))
+
+
+def preprocess(pixels):
+    small = cv2.resize(pixels, (MODEL_SIZE, MODEL_SIZE), interpolation=cv2.INTER_LINEAR)
+    return np.repeat(small[:, :, None].astype(np.float32) / 255.0, 3, axis=2)
+
+
+class TinyConvNet(nnx.Module):
+    """A random 3x3 conv and a class logit: not mirror-symmetric, so hflip TTA changes its output."""
+
+    def __init__(self):
+        self.conv = nnx.Conv(3, 1, (3, 3), rngs=nnx.Rngs(0))
+        self.norm = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        logits = self.norm(self.conv(x))
+        return logits, logits[:, :, : x.shape[2] // 2].mean(axis=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = TinyConvNet()
+    model.eval()
+    return model
+
+
+def test_hflip_tta_averages_prediction_and_mirrored_prediction(tiny_model):
+    images = jax.random.normal(jax.random.key(0), (2, MODEL_SIZE, MODEL_SIZE, 3))
+    probs, class_probs = predict_probabilities(tiny_model, images, tta_hflip=True)
+    plain_logits, plain_class = tiny_model(images)
+    mirrored_logits, mirrored_class = tiny_model(images[:, :, ::-1])
+    expected = (jax.nn.sigmoid(plain_logits[..., 0]) + jax.nn.sigmoid(mirrored_logits[:, :, ::-1, 0])) / 2
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_allclose(class_probs, (jax.nn.sigmoid(plain_class) + jax.nn.sigmoid(mirrored_class))[:, 0] / 2,
+                               atol=1e-6)
+    no_tta, _ = predict_probabilities(tiny_model, images, tta_hflip=False)
+    np.testing.assert_allclose(no_tta, jax.nn.sigmoid(plain_logits[..., 0]), atol=1e-6)
+
+
+def test_predictor_pads_a_short_batch_and_matches_eager_inference(tiny_model):
+    images = np.asarray(jax.random.normal(jax.random.key(1), (3, MODEL_SIZE, MODEL_SIZE, 3)))
+    predictor = Predictor(tiny_model, batch_size=4)
+    assert predictor.batch_size % jax.device_count() == 0
+    probs, class_probs = predictor(images)
+    expected, expected_class = predict_probabilities(tiny_model, jnp.asarray(images))
+    assert probs.shape == (3, MODEL_SIZE, MODEL_SIZE) and class_probs.shape == (3,)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_allclose(class_probs, expected_class, atol=1e-5)
+    with pytest.raises(ValueError, match="batch holds"):
+        predictor(np.zeros((5, MODEL_SIZE, MODEL_SIZE, 3), np.float32))
+
+
+SHARDED_SCRIPT = """
+import jax, numpy as np
+from flax import nnx
+from siim_jax.predict import Predictor, predict_probabilities
+assert jax.device_count() == 2
+model = nnx.Conv(3, 1, (3, 3), rngs=nnx.Rngs(0))
+predictor = Predictor(model, batch_size=3)
+images = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+probs, _ = predictor(images)
+expected, _ = predict_probabilities(model, images)
+assert predictor.batch_size == 4, predictor.batch_size
+np.testing.assert_allclose(probs, expected, atol=1e-6)
+print("sharded ok")
+"""
+
+
+def test_predictor_shards_the_batch_over_every_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-2000:]
+
+
+def _inference(batch_size=4, on_error="empty"):
+    return Inference(Predictor(Brightness(), batch_size), preprocess, on_error, workers=2, progress=False)
+
+
+def _test_set(folder, shapes):
+    """DICOMs of random blobs (id -> pixels) in `folder`, of the given original sizes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    pixels_by_id = {}
+    for number, shape in enumerate(shapes):
+        noise = cv2.GaussianBlur(rng.uniform(0, 255, shape).astype(np.float32), (0, 0), shape[0] / 12)
+        pixels = cv2.normalize(noise, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        image_id = f"1.2.3.{number}"
+        factory.save(factory.dataset(pixels, SOPInstanceUID=image_id), folder / f"{image_id}.dcm")
+        pixels_by_id[image_id] = pixels
+    return pixels_by_id
+
+
+def _read_submission(path):
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def test_submission_rle_decodes_back_to_the_predicted_masks(tmp_path):
+    shapes = [(64, 64), (48, 80), (96, 64)]
+    pixels_by_id = _test_set(tmp_path / "test", shapes)
+    rule = PostProcess(threshold=0.6, min_component_area=3)
+    out = tmp_path / "submission.csv"
+    summary = predict_submission(
+        _inference(batch_size=2), submission_items(tmp_path / "test"), out, rule
+    )
+    frame = _read_submission(out)
+    assert list(frame.columns) == ["ImageId", "EncodedPixels"]
+    assert list(frame["ImageId"]) == sorted(pixels_by_id)
+    assert summary.n_images == 3 and summary.unreadable == ()
+    for image_id, encoded in zip(frame["ImageId"], frame["EncodedPixels"]):
+        pixels = pixels_by_id[image_id]
+        probs, class_probs = predict_probabilities(Brightness(), jnp.asarray(preprocess(pixels))[None])
+        full = cv2.resize(np.asarray(probs[0]), pixels.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        expected = rule.apply(full, float(class_probs[0]))
+        assert expected.any() and not expected.all()
+        np.testing.assert_array_equal(rle.decode(encoded, *pixels.shape), expected)
+
+
+def test_unreadable_or_missing_dicom_gives_empty_row_and_warning(tmp_path):
+    first, second = _test_set(tmp_path / "test", [(64, 64), (64, 64)])
+    (tmp_path / "test" / "broken.dcm").write_bytes(b"not a dicom at all")
+    sample = tmp_path / "sample_submission.csv"
+    ids = [first, "broken", second, "absent"]
+    sample.write_text("ImageId,EncodedPixels\n" + "".join(f"{image_id},-1\n" for image_id in ids))
+    out = tmp_path / "submission.csv"
+    with pytest.warns(UnreadableImageWarning) as caught:
+        summary = predict_submission(
+            _inference(batch_size=1), submission_items(tmp_path / "test", sample), out, PostProcess(threshold=0.2),
+            expected_ids=ids,
+        )
+    messages = " | ".join(str(warning.message) for warning in caught)
+    assert "broken.dcm" in messages and "absent" in messages
+    frame = _read_submission(out)
+    assert list(frame["ImageId"]) == ids
+    assert [encoded == "-1" for encoded in frame["EncodedPixels"]] == [False, True, False, True]
+    assert summary.unreadable == ("broken", "absent")
+
+    with pytest.raises(DicomError, match="broken.dcm"):
+        predict_submission(
+            _inference(on_error="fail"), submission_items(tmp_path / "test", sample), tmp_path / "strict.csv"
+        )
+    assert not (tmp_path / "strict.csv").exists()
+
+
+def test_real_stage1_sample_submission_gives_one_row_per_unique_id(siim_real, tmp_path):
+    sample = siim_real / "new_sample_submission.csv"  # 1,484 rows, 1,372 unique ids, some repeated
+    (tmp_path / "empty").mkdir()
+    items = submission_items(tmp_path / "empty", sample)
+    with pytest.warns(UnreadableImageWarning):
+        summary = predict_submission(_inference(), items, tmp_path / "submission.csv", 
+                                     expected_ids=[image_id for image_id, _ in items])
+    frame = _read_submission(tmp_path / "submission.csv")
+    expected = list(dict.fromkeys(pd.read_csv(sample)["ImageId"]))
+    assert len(expected) == 1372 and list(frame["ImageId"]) == expected
+    assert set(frame["EncodedPixels"]) == {"-1"} and len(summary.unreadable) == 1372
+
+
+def test_incomplete_submission_is_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "submission.csv"
+    out.write_text("previous\n")
+    with pytest.raises(SubmissionError, match="1 missing"):
+        write_submission(out, [("a", "-1")], expected_ids=["a", "b"])
+    with pytest.raises(SubmissionError, match="several rows"):
+        write_submission(out, [("a", "-1"), ("a", "1 2")])
+    assert out.read_text() == "previous\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["submission.csv"]
+    write_submission(out, [("b", "-1"), ("a", "3 4")], expected_ids=["a", "b"])
+    assert out.read_text() == "ImageId,EncodedPixels\nb,-1\na,3 4\n"
+
+
+def test_predict_writes_overlays_of_its_images(tmp_path):
+    pixels_by_id = _test_set(tmp_path / "test", [(64, 64), (48, 80)])
+    overlays = OverlayWriter(tmp_path / "overlays", size=64)
+    predict_submission(
+        _inference(batch_size=2), submission_items(tmp_path / "test"), tmp_path / "submission.csv",
+        PostProcess(threshold=0.6), overlays=overlays,
+    )
+    assert sorted(path.name for path in overlays.written) == sorted(f"{image_id}.png" for image_id in pixels_by_id)
+    picture = read_png(overlays.written[0])
+    red = (picture[..., 0] == 255) & (picture[..., 1] == 0) & (picture[..., 2] == 0)
+    assert red.any()
+
+
+# ---------------------------------------------------------------------------------------------------- a trained run
+
+
+def _train_briefly(root):
+    """A synthetic set (with test labels in stage_2_train.csv) and the demo config trained on it for two epochs."""
+    from siim_jax.config_utils import load_config
+    from siim_jax.data.synthetic import generate
+    from siim_jax.train import train_and_evaluate
+
+    data = generate(root / "data", n_train=12, n_test=5, seed=1, positive_fraction=0.5, stage2=True, progress=False)
+    config = load_config(f"{DEMO_CONFIG}:{data.out_dir}")
+    config.data.image_size = 64
+    config.model.decoder_channels = (16, 8, 8, 8, 8)
+    config.train.update(epochs=2, batch_size=2, eval_batch_size=2, eval_at_start=False)
+    config.optim.warmup_steps = 1
+    train_and_evaluate(config, root / "run")
+    return root / "run", data
+
+
+def _run_command(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args([str(arg) for arg in argv]))
+
+
+def test_briefly_trained_run_through_predict_tune_and_evaluate(tmp_path, capsys):
+    # One test, so that the training happens once however pytest-xdist spreads the tests.
+    run_dir, data = _train_briefly(tmp_path)
+    _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, data, tmp_path, capsys)
+    _check_checkpoint_averaging_is_the_mean_of_the_parameters(run_dir)
+    _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys)
+
+
+def _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, data, tmp_path, capsys):
+    from siim_jax import predict
+
+    out = tmp_path / "submission.csv"
+    argv = ["--checkpoint", run_dir, "--best", "--data", data.out_dir / "dicom-images-test", "--out", out,
+            "--sample-submission", data.sample_submission_csv, "--overlays", tmp_path / "predict-overlays",
+            "--overlay-count", 2]
+    assert _run_command(predict, argv) == 0
+    frame = _read_submission(out)
+    assert list(frame["ImageId"]) == list(data.test_ids)
+    for encoded in frame["EncodedPixels"]:
+        rle.decode(encoded, 1024, 1024)
+    assert len(list((tmp_path / "predict-overlays").iterdir())) == 2
+    assert "images/s" in capsys.readouterr().out
+
+
+def _check_checkpoint_averaging_is_the_mean_of_the_parameters(run_dir):
+    from siim_jax.checkpoints import TrainingCheckpoints, checkpoint_directory, restore_for_inference
+
+    with TrainingCheckpoints(checkpoint_directory(run_dir), read_only=True) as checkpoints:
+        steps = checkpoints.best_steps(2)
+    assert len(steps) == 2
+    averaged, _ = restore_for_inference(run_dir, average_top=2)
+    singles = [restore_for_inference(run_dir, step=step)[0] for step in steps]
+    for kind in (nnx.Param, nnx.BatchStat):
+        leaves = [jax.tree.leaves(nnx.state(model, kind)) for model in (averaged, *singles)]
+        assert not all(np.array_equal(a, b) for a, b in zip(leaves[1], leaves[2]))  # two different sets of weights
+        for mean, first, second in zip(*leaves):
+            np.testing.assert_allclose(mean, (np.asarray(first) + np.asarray(second)) / 2, rtol=1e-6, atol=1e-7)
+
+
+def _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys):
+    from siim_jax import evaluate, tune
+
+    tuned = tmp_path / "postprocess.json"
+    assert _run_command(tune, ["--checkpoint", run_dir, "--out", tuned, "--top", 3]) == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and "wrote the best setting" in table
+    PostProcess.from_json(tuned)
+
+    per_image = tmp_path / "per_image.csv"
+    argv = ["--checkpoint", run_dir, "--data", data.out_dir / "dicom-images-test", "--labels", data.stage2_csv,
+            "--out", per_image, "--postprocess", tuned, "--overlays", tmp_path / "overlays"]
+    assert _run_command(evaluate, argv) == 0
+    assert "challenge Dice" in capsys.readouterr().out
+    frame = pd.read_csv(per_image)
+    assert list(frame.columns) == ["ImageId", "dice", "iou", "true_area", "pred_area", "score"]
+    assert sorted(frame["ImageId"]) == sorted(data.test_ids)
+    has_cases = bool((frame["true_area"] > 0).any() or (frame["pred_area"] > 0).any())
+    assert (tmp_path / "overlays" / "contact_sheet.png").exists() == has_cases
