@@ -17,12 +17,14 @@ import pydicom
 from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 _PILLOW_SYNTAXES = (JPEG_BASELINE, JPEG_EXTENDED)
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114])
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010) little and big endian
 
 
 class DicomError(ValueError):
@@ -62,9 +64,16 @@ def _age(ds) -> int | None:
     return int(digits) if digits.isdigit() and unit == "Y" else None
 
 
-def _open(path) -> pydicom.Dataset:
+def _open(path, header_only: bool = False) -> pydicom.Dataset:
+    """The dataset in `path`; with `header_only`, the elements before the pixel data, and `PixelData` set to
+    b'' (its value left unread) when that element follows them."""
     try:
-        return pydicom.dcmread(path)
+        with open(path, "rb") as file:
+            ds = pydicom.dcmread(file, stop_before_pixels=header_only)
+            if header_only and (ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+                                or file.read(4) in _PIXEL_DATA_TAGS):  # a deflated file is read whole
+                ds.PixelData = b""
+            return ds
     except FileNotFoundError:
         raise DicomError(path, "file not found") from None
     except IsADirectoryError:
@@ -87,9 +96,12 @@ def _decode_jpeg(path, ds) -> np.ndarray:
         raise DicomError(path, f"corrupt or truncated JPEG pixel data ({type(exc).__name__}: {exc})") from None
 
 
+def _syntax_name(syntax) -> str:
+    return f"{getattr(syntax, 'name', syntax)} ({syntax})"
+
+
 def _decode_with_pydicom(path, ds) -> np.ndarray:
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    name = f"{getattr(syntax, 'name', syntax)} ({syntax})"
+    name = _syntax_name(ds.file_meta.get("TransferSyntaxUID"))
     try:
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
@@ -139,16 +151,46 @@ def _to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
     return np.round(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def read_dicom(path) -> DicomImage:
-    """Reads one DICOM file into a `DicomImage`; raises `DicomError` naming the file for anything unreadable."""
-    ds = _open(path)
+def _image_size(path, ds) -> tuple[int, int]:
+    """(Rows, Columns) of a dataset that has pixel data of a non-zero size."""
     if "PixelData" not in ds:
-        raise DicomError(path, "no pixel data (a DICOM without the PixelData element)")
+        raise DicomError(path, "no pixel data (no PixelData element: a DICOM without an image, or cut short)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows == 0 or cols == 0:
         raise DicomError(path, f"zero-size image ({rows}x{cols})")
+    return rows, cols
+
+
+def _uses_pillow(ds) -> bool:
     syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
-    if syntax in _PILLOW_SYNTAXES and int(ds.get("BitsAllocated", 8)) == 8:
+    return syntax in _PILLOW_SYNTAXES and int(ds.get("BitsAllocated", 8)) == 8
+
+
+def read_header(path) -> pydicom.Dataset:
+    """The header of a DICOM file, read without its pixels, checked as far as a header can be.
+
+    Raises `DicomError` when the file is not DICOM, has no PixelData element or a zero size (also what a header
+    cut short looks like), or uses a transfer syntax that no installed decoder handles. Truncated or corrupt
+    pixel data shows only when `read_dicom` decodes it.
+    """
+    ds = _open(path, header_only=True)
+    _image_size(path, ds)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and not _uses_pillow(ds):
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:  # a UID pydicom has no decoder for at all
+            available = False
+        if not available:
+            raise DicomError(path, f"unsupported transfer syntax {_syntax_name(syntax)}: no installed decoder")
+    return ds
+
+
+def read_dicom(path) -> DicomImage:
+    """Reads one DICOM file into a `DicomImage`; raises `DicomError` naming the file for anything unreadable."""
+    ds = _open(path)
+    rows, cols = _image_size(path, ds)
+    if _uses_pillow(ds):
         pixels = _decode_jpeg(path, ds)
     else:
         pixels = _first_frame(ds, _decode_with_pydicom(path, ds))

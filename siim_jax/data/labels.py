@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 from tqdm.auto import tqdm
 
 from siim_jax.data import rle
+from siim_jax.data.dicom import DicomError, read_header
 
 IMAGE_ID = "ImageId"
 ENCODED_PIXELS = "EncodedPixels"
@@ -69,13 +69,25 @@ def _run_union_area(rles: Iterable[str], image_id: str, size: int) -> int:
     return area
 
 
-def per_image(labels: pd.DataFrame, image_size: tuple[int, int] = (1024, 1024)) -> pd.DataFrame:
-    """One row per image: its positive RLE rows (tuple), positive flag and merged mask area in pixels."""
+def per_image(
+    labels: pd.DataFrame, image_size: tuple[int, int] = (1024, 1024), rejected: list | None = None
+) -> pd.DataFrame:
+    """One row per image: its positive RLE rows (tuple), positive flag and merged mask area in pixels.
+
+    A malformed RLE raises `rle.RLEError`, or, given a `rejected` list, leaves its image out and appends
+    (ImageId, reason) to that list.
+    """
     size = image_size[0] * image_size[1]
     rows = []
     for image_id, group in labels.groupby(IMAGE_ID, sort=False):
         positives = tuple(text for text in group[ENCODED_PIXELS] if text != rle.EMPTY)
-        area = _run_union_area(positives, image_id, size)
+        try:
+            area = _run_union_area(positives, image_id, size)
+        except rle.RLEError as exc:
+            if rejected is None:
+                raise
+            rejected.append((image_id, str(exc)))
+            continue
         rows.append((image_id, positives, bool(positives), area, len(group)))
     return pd.DataFrame(rows, columns=["image_id", "rles", "positive", "area", "n_rows"])
 
@@ -94,12 +106,13 @@ def find_dicoms(root) -> dict[str, str]:
     return found
 
 
-def _patient_id(path: str) -> str | None:
+def _check_header(path: str) -> tuple[str | None, str | None]:
+    """(PatientID or None, None) for a file whose header is usable, else (None, why it cannot be decoded)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    except Exception:  # an unreadable file is reported when its pixels are read; here it is its own group
-        return None
-    return str(ds.get("PatientID", "")).strip() or None
+        ds = read_header(path)
+    except DicomError as exc:
+        return None, exc.reason
+    return str(ds.get("PatientID", "")).strip() or None, None
 
 
 def assign_folds(positive: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -117,13 +130,23 @@ def assign_folds(positive: np.ndarray, groups: np.ndarray, n_folds: int, seed: i
     return frame["group"].map(fold_of_group).to_numpy(np.int64)
 
 
+SKIPPED_COLUMNS = ["image_id", "path", "reason"]
+
+
+def skipped_frame(rows=()) -> pd.DataFrame:
+    """A table of images left out of an index: (ImageId, the file at fault, the reason)."""
+    return pd.DataFrame(list(rows), columns=SKIPPED_COLUMNS)
+
+
 @dataclasses.dataclass
 class Index:
-    """Images joined with labels. `frame` has one row per image with a file (and labels where given)."""
+    """Images joined with labels. `frame` has one row per image with a file (and labels where given); `skipped`
+    (see `skipped_frame`) lists the images a lenient `build_index` left out."""
 
     frame: pd.DataFrame
     images_without_labels: list[str]
     labels_without_images: list[str]
+    skipped: pd.DataFrame = dataclasses.field(default_factory=skipped_frame)
 
     def report(self) -> str:
         frame = self.frame
@@ -132,6 +155,8 @@ class Index:
             text += f"; {len(self.images_without_labels)} images without labels"
         if self.labels_without_images:
             text += f"; {len(self.labels_without_images)} labelled ids without an image"
+        if len(self.skipped):
+            text += f"; {len(self.skipped)} images skipped (malformed labels or unreadable files)"
         return text
 
 
@@ -142,29 +167,45 @@ def build_index(
     seed: int = 0,
     group_by_patient: bool = True,
     image_size: tuple[int, int] = (1024, 1024),
+    strict: bool = True,
 ) -> Index:
     """Joins a DICOM tree with a label file: per image its file, RLE rows, positive flag, area and fold.
 
     Without labels (a test set) every image is listed with no RLE and fold -1. Images without labels and
     labels without images are reported on the returned `Index`, not silently dropped.
+
+    With labels, each labelled image's rows and DICOM header are checked (`dicom.read_header`): a malformed RLE
+    raises `LabelError` naming the label file, the ImageId and the reason, an unusable file `DicomError` naming
+    it; with `strict=False` such images are left out of the folds and listed in `Index.skipped` instead.
     """
     files = find_dicoms(dicom_dir)
     frame = pd.DataFrame({"image_id": list(files), "path": list(files.values())})
     if labels_csv is None:
         frame = frame.assign(rles=[()] * len(frame), positive=False, area=0, fold=-1)
         return Index(frame, images_without_labels=[], labels_without_images=[])
-    labelled = per_image(read_labels(labels_csv), image_size)
+    rejected = None if strict else []
+    try:
+        labelled = per_image(read_labels(labels_csv), image_size, rejected)
+    except rle.RLEError as exc:
+        raise LabelError(f"{labels_csv}: {exc}") from None
+    skipped = [(image_id, str(labels_csv), reason) for image_id, reason in rejected or ()]
     merged = frame.merge(labelled, on="image_id", how="inner")
-    images_without_labels = sorted(set(files) - set(labelled["image_id"]))
+    images_without_labels = sorted(set(files) - set(labelled["image_id"]) - {image_id for image_id, *_ in skipped})
     labels_without_images = sorted(set(labelled["image_id"]) - set(files))
+    paths = tqdm(merged["path"], desc="reading DICOM headers", leave=False, disable=len(merged) < 1000)
+    patients, problems = zip(*[_check_header(path) for path in paths]) if len(merged) else ((), ())
+    unreadable = np.array([problem is not None for problem in problems], bool)
+    if strict and unreadable.any():
+        first = int(np.flatnonzero(unreadable)[0])
+        raise DicomError(merged["path"].iloc[first], problems[first])
+    skipped += [(row.image_id, row.path, problem) for row, problem in zip(merged.itertuples(), problems) if problem]
     if group_by_patient:
-        paths = tqdm(merged["path"], desc="reading PatientIDs", leave=False, disable=len(merged) < 1000)
-        patients = [_patient_id(path) for path in paths]
         merged["patient_id"] = [p or image_id for p, image_id in zip(patients, merged["image_id"])]
     else:
         merged["patient_id"] = merged["image_id"]
+    merged = merged[~unreadable].reset_index(drop=True)
     merged["fold"] = assign_folds(merged["positive"].to_numpy(), merged["patient_id"].to_numpy(), n_folds, seed)
-    return Index(merged.drop(columns="n_rows"), images_without_labels, labels_without_images)
+    return Index(merged.drop(columns="n_rows"), images_without_labels, labels_without_images, skipped_frame(skipped))
 
 
 def merged_mask(row, image_size: tuple[int, int] = (1024, 1024)) -> np.ndarray:

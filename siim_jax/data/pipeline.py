@@ -7,6 +7,9 @@ Config (``config.data``, from ``default_data_config()``):
   image_size      training size in pixels (512)
   fold, n_folds, fold_seed    validation fold (0) of n_folds (5) patient-grouped stratified folds drawn with
                   fold_seed (0): the same folds on the fly and prepared
+  strict          False (default): a labelled image with a malformed RLE row, or whose DICOM header shows it
+                  cannot be decoded (see ``dicom.read_header``), is left out and listed in ``Splits.skipped``;
+                  True: the first one stops ``build_datasets`` with an error naming the file and the reason
   balance.mode    'difference' (every positive, negatives up to max_difference more: 1000, the seed's way),
                   'fraction' (every positive, negatives so positives make positive_fraction of the epoch), 'none'
   balance.positive_fraction   a float, or a schedule ((0, 0.8), (10, 0.6), (20, 0.4)): from epoch 0 use 0.8, ...
@@ -17,17 +20,19 @@ Config (``config.data``, from ``default_data_config()``):
                   (seed, epoch, position in the epoch)
 
 API:
-  build_datasets(config.data) -> Splits(train, val, test, report): index frames, one row per image, positional
+  build_datasets(config.data) -> Splits(train, val, test, report, skipped): index frames, one row per image, positional
       (RangeIndex): image_id, rles, positive, area, patient_id, fold, and 'path' (on the fly) or 'split' and
-      'record' (prepared); the test frame also has height and width (original size).
+      'record' (prepared); the test frame also has height and width (original size). `skipped` lists the
+      labelled images left out (``labels.skipped_frame``: image_id, path, reason); ``write_skipped`` saves it.
   steps_per_epoch(config.data, frame, epoch, global_batch_size): full global batches in that epoch's draw
   epoch_sample(positive, epoch, config.data.balance, seed), positive_fraction_at(schedule, epoch): the draw
   train_iterator(config.data, frame, epoch, global_batch_size, process_index=None, process_count=None,
-      sharding=None) -> grain DatasetIterator over one epoch's per-process batches (global_batch_size //
-      process_count rows each; process defaults from jax). Batch b of the epoch is the same global batch for
-      any process or worker count.
-  eval_batches(config.data, frame, global_batch_size, process_index=None, process_count=None, sharding=None):
-      every row exactly once, in order, ceil(len(frame) / global_batch_size) batches, padding rows invalid.
+      sharding=None, skipped_csv=None) -> grain DatasetIterator over one epoch's per-process batches
+      (global_batch_size // process_count rows each; process defaults from jax). Batch b of the epoch is the same
+      global batch for any process or worker count.
+  eval_batches(config.data, frame, global_batch_size, process_index=None, process_count=None, sharding=None,
+      skipped_csv=None): every row exactly once, in order, ceil(len(frame) / global_batch_size) batches, padding
+      rows invalid.
   test_batches(...): as eval_batches, without 'mask' and 'positive'.
   to_device(batch, sharding): a host batch -> global jax arrays (jax.make_array_from_process_local_data).
   The iterators take ``sharding`` (e.g. NamedSharding(mesh, P('data'))) to hand out batches already on the mesh,
@@ -36,7 +41,8 @@ API:
 Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when ``sharding`` is given):
   'image' float32 (B, H, W, 3) ImageNet-normalised grey replicated to three channels; 'mask' float32
   (B, H, W, 1) in {0, 1}; 'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that
-  cannot be decoded (blank image and mask, positive 0, logged); 'index' int32 (B,): row in the frame, -1 for padding.
+  cannot be decoded (blank image and mask, positive 0, logged, and added to ``skipped_csv`` when the iterator was
+  given one); 'index' int32 (B,): row in the frame, -1 for padding.
 
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
 (orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
@@ -46,9 +52,12 @@ with exactly the next batch.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -63,7 +72,7 @@ from absl import flags
 from siim_jax.data import rle, tfds_siim
 from siim_jax.data.augment import TrainAugment, default_augment_config, normalise
 from siim_jax.data.dicom import DicomError
-from siim_jax.data.labels import assign_folds, build_index
+from siim_jax.data.labels import SKIPPED_COLUMNS, assign_folds, build_index, skipped_frame
 
 _SAMPLE_STREAM, _AUGMENT_STREAM = 1, 2  # second entropy word: epoch draws and augmentations never share a stream
 _DEVICE_PREFETCH = 2
@@ -81,6 +90,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             "fold": 0,
             "n_folds": 5,
             "fold_seed": 0,
+            "strict": False,
             "balance": {
                 "mode": "difference",
                 "max_difference": 1000,
@@ -103,6 +113,31 @@ class Splits:
     val: pd.DataFrame
     test: pd.DataFrame
     report: str
+    skipped: pd.DataFrame = dataclasses.field(default_factory=skipped_frame)
+
+
+def write_skipped(path, skipped: pd.DataFrame) -> None:
+    """Starts a skipped.csv (image_id, path, reason) with the images the index left out."""
+    try:
+        skipped.to_csv(path, index=False, columns=SKIPPED_COLUMNS)
+    except OSError as error:  # a full disk reports no file name by itself
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+def _add_skipped(path, image_id: str, file: str, reason: str) -> None:
+    """Adds a file that failed to decode to a skipped.csv, once. A single O_APPEND write, so that worker
+    processes can share the file."""
+    if os.path.exists(path) and file in set(pd.read_csv(path, dtype=str, keep_default_na=False)["path"]):
+        return
+    line = io.StringIO()
+    if not os.path.exists(path):
+        csv.writer(line).writerow(SKIPPED_COLUMNS)
+    csv.writer(line).writerow([image_id, file, reason])
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line.getvalue().encode())
+    finally:
+        os.close(descriptor)
 
 
 def _original_sizes(paths) -> list[tuple[int, int]]:
@@ -136,11 +171,18 @@ def build_datasets(config: ml_collections.ConfigDict) -> Splits:
         test = tfds_siim.index_frame(builder, "test") if "test" in builder.info.splits else labelled.iloc[:0]
         test = test[test["record"] >= 0].assign(fold=-1)
         report = tfds_siim.report(builder)
+        skipped = skipped_frame(
+            (item["image_id"], config.prepared_dir, item["reason"])
+            for item in builder.info.metadata["skipped"]
+            if item["split"] == "train"
+        )
     else:
         root = Path(config.root)
         labels_csv = config.labels_csv or root / tfds_siim.TRAIN_CSV
-        index = build_index(root / tfds_siim.TRAIN_DIR, labels_csv, config.n_folds, config.fold_seed)
-        labelled, report = index.frame, index.report()
+        index = build_index(
+            root / tfds_siim.TRAIN_DIR, labels_csv, config.n_folds, config.fold_seed, strict=config.strict
+        )
+        labelled, report, skipped = index.frame, index.report(), index.skipped
         test = _dicom_test_frame(root / tfds_siim.TEST_DIR)
     validation = labelled["fold"] == config.fold
     return Splits(
@@ -148,6 +190,7 @@ def build_datasets(config: ml_collections.ConfigDict) -> Splits:
         val=labelled[validation].reset_index(drop=True),
         test=test.reset_index(drop=True),
         report=report,
+        skipped=skipped,
     )
 
 
@@ -199,18 +242,23 @@ def steps_per_epoch(config: ml_collections.ConfigDict, frame: pd.DataFrame, epoc
 
 
 class DicomSource:
-    """Decodes DICOM files and masks on the fly, resized to the training size."""
+    """Decodes DICOM files and masks on the fly, resized to the training size; lists failures in `skipped_csv`."""
 
-    def __init__(self, frame: pd.DataFrame, image_size: int):
+    def __init__(self, frame: pd.DataFrame, image_size: int, skipped_csv=None):
+        self._image_ids = list(frame["image_id"])
         self._paths = list(frame["path"])
         self._rles = list(frame["rles"])
         self._image_size = image_size
+        self._skipped_csv = skipped_csv
 
     def load(self, row: int) -> tuple[np.ndarray, np.ndarray] | None:
         try:
             decoded = tfds_siim.decode_example(self._paths[row], self._rles[row], self._image_size)
         except (DicomError, rle.RLEError) as exc:
             log.warning("unreadable, given as an invalid blank row: %s", exc)
+            if self._skipped_csv is not None:
+                reason = exc.reason if isinstance(exc, DicomError) else str(exc)
+                _add_skipped(self._skipped_csv, self._image_ids[row], self._paths[row], reason)
             return None
         return decoded.image, decoded.mask
 
@@ -231,10 +279,10 @@ class PreparedSource:
         return example["image"], example["mask"]
 
 
-def _source(config: ml_collections.ConfigDict, frame: pd.DataFrame) -> DicomSource | PreparedSource:
+def _source(config: ml_collections.ConfigDict, frame: pd.DataFrame, skipped_csv=None) -> DicomSource | PreparedSource:
     if config.prepared_dir:
         return PreparedSource(frame, config.prepared_dir, config.image_size)
-    return DicomSource(frame, config.image_size)
+    return DicomSource(frame, config.image_size, skipped_csv)
 
 
 # ------------------------------------------------------------------------------------------------------ elements
@@ -331,6 +379,7 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     sharding=None,
+    skipped_csv=None,
 ) -> grain.DatasetIterator:
     """One epoch of augmented, balanced training batches for this process (see the module docstring)."""
     process_index, process_count = _this_process(process_index, process_count)
@@ -340,7 +389,7 @@ def train_iterator(
         raise ValueError(f"epoch {epoch} draws {len(rows)} images, fewer than one batch of {global_batch_size}")
     plan = _process_plan(rows[: steps * global_batch_size], global_batch_size, process_index, process_count)
     load = _LoadElement(
-        source=_source(config, frame),
+        source=_source(config, frame, skipped_csv),
         positive=frame["positive"].to_numpy(bool),
         image_size=config.image_size,
         labelled=True,
@@ -352,21 +401,25 @@ def train_iterator(
     return _iterate(config, dataset, sharding)
 
 
-def _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled: bool):
+def _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled: bool,
+                     skipped_csv=None):
     process_index, process_count = _this_process(process_index, process_count)
     padded = math.ceil(len(frame) / global_batch_size) * global_batch_size
     rows = np.full(padded, -1, np.int64)
     rows[: len(frame)] = np.arange(len(frame))
     plan = _process_plan(rows, global_batch_size, process_index, process_count)
     positive = frame["positive"].to_numpy(bool) if labelled else np.zeros(len(frame), bool)
-    load = _LoadElement(_source(config, frame), positive, config.image_size, labelled)
+    load = _LoadElement(_source(config, frame, skipped_csv), positive, config.image_size, labelled)
     dataset = grain.MapDataset.source(plan).map(load).batch(global_batch_size // process_count, batch_fn=_collate)
     return _iterate(config, dataset, sharding)
 
 
-def eval_batches(config, frame, global_batch_size, process_index=None, process_count=None, sharding=None):
+def eval_batches(config, frame, global_batch_size, process_index=None, process_count=None, sharding=None,
+                 skipped_csv=None):
     """Every row of a labelled frame once, in order, resized and normalised; padding rows are marked invalid."""
-    return _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled=True)
+    return _ordered_batches(
+        config, frame, global_batch_size, process_index, process_count, sharding, labelled=True, skipped_csv=skipped_csv
+    )
 
 
 def test_batches(config, frame, global_batch_size, process_index=None, process_count=None, sharding=None):

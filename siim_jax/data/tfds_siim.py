@@ -117,11 +117,14 @@ class SiimPneumothorax(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = Path(dl_manager.manual_dir)
-        train = build_index(root / TRAIN_DIR, self._labels_csv or root / TRAIN_CSV)
+        train = build_index(root / TRAIN_DIR, self._labels_csv or root / TRAIN_CSV, strict=False)
         self.info.metadata.update(
             image_size=self.builder_config.image_size,
             splits={},
-            skipped=[],
+            skipped=[  # images the index left out: malformed label rows, unusable DICOM headers
+                {"split": "train", "image_id": row.image_id, "reason": f"{row.path}: {row.reason}"}
+                for row in train.skipped.itertuples()
+            ],
             images_without_labels=train.images_without_labels,
             labels_without_images=train.labels_without_images,
         )
