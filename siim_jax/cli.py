@@ -8,12 +8,18 @@ import sys
 
 # name -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
+    "demo": ("siim_jax.demo", "the main job on built-in synthetic data: train, tune, evaluate, predict"),
     "synth": ("siim_jax.data.synthetic", "write a synthetic dataset in the challenge's layout"),
     "prepare": ("siim_jax.data.tfds_siim", "decode the challenge tree once into a TFDS cache at the training size"),
+    "convert": ("siim_jax.convert", "convert PyTorch weights (torchvision, timm, Cadene, smp) to a Flax checkpoint"),
+    "train": ("siim_jax.train", "train a UNet from a config file"),
+    "tune": ("siim_jax.tune", "grid-search the post-processing on a validation fold"),
+    "evaluate": ("siim_jax.evaluate", "challenge metrics of a checkpoint on labelled images"),
+    "predict": ("siim_jax.predict", "write a submission CSV from a checkpoint"),
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _command_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siim-jax", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
@@ -21,13 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    known = _parser().parse_args(argv[:1])
-    module = importlib.import_module(COMMANDS[known.command][0])
-    parser = argparse.ArgumentParser(prog=f"siim-jax {known.command}", description=COMMANDS[known.command][1])
+def parse_command(argv: list[str]):
+    """(module, parsed arguments) of a `siim-jax COMMAND ...` argument list (without the program name)."""
+    name = _command_parser().parse_args(argv[:1]).command
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"siim-jax {name}", description=help_text)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv[1:])) or 0)
+    # A module may parse its own way (train takes --config.a.b=value overrides that argparse cannot declare).
+    parse = getattr(module, "parse_args", lambda parser, args: parser.parse_args(args))
+    return module, parse(parser, argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    module, args = parse_command(sys.argv[1:] if argv is None else argv)
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":
