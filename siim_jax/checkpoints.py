@@ -7,7 +7,8 @@ Layout of `workdir/checkpoints/<step>/`:
   metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'iou', 'dice_positive', 'auc', ...})
 
 Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice. A checkpoint
-without metrics (a periodic or interrupt save mid-epoch) is kept only while it is the latest.
+without metrics (a periodic or interrupt save mid-epoch) is dropped once it is no longer the latest and the run
+holds more than `keep_best` checkpoints (orbax's BestN keeps everything up to that count).
 """
 
 from __future__ import annotations

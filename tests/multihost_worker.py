@@ -1,12 +1,12 @@
 """Trains TinySegmenter for a few steps on a data-parallel mesh and saves the final parameters.
 
-    python tests/multihost_worker.py OUT.npz --devices N [--accum K]
-        one process with N CPU devices
+    python tests/multihost_worker.py OUT.npz --devices N [--accum K ...]
+        one process with N CPU devices, one run per K (micro-batches per step)
     python tests/multihost_worker.py OUT.npz --devices N --coordinator HOST:PORT --processes P --process-id I
         process I of P, each with N CPU devices; every process feeds only its rows of each global batch
 
 Each process writes OUT.npz with the initial parameters ('initial...') and its own copy of the final replicated
-ones ('final...'); process I of several adds `.I` to the name.
+ones of each run ('accumK/final...'); process I of several adds `.I` to the name.
 Run by test_sharding.py and test_multihost.py in fresh interpreters: the device count is fixed at JAX start-up.
 """
 
@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--accum", type=int, nargs="+", default=[1], help="one run per micro-batch count")
     parser.add_argument("--coordinator")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
@@ -38,11 +38,23 @@ def main() -> None:
 
     sharding.initialize_distributed(args.coordinator, args.processes if args.coordinator else None,
                                     args.process_id if args.coordinator else None)
-
     import numpy as np
+
+    results = {}
+    for accum in args.accum:
+        initial, final = train(accum)
+        results.update(initial)
+        results.update({f"accum{accum}/{name}": value for name, value in final.items()})
+    out = args.out if args.processes == 1 else args.out.with_suffix(f".{args.process_id}.npz")
+    np.savez(out, **results)
+
+
+def train(accum: int) -> tuple[dict, dict]:
+    """(initial, final) parameters of STEPS steps with `accum` micro-batches, on a mesh of every device."""
+    import jax
     from flax import nnx
 
-    from siim_jax import losses, optim
+    from siim_jax import losses, optim, sharding
     from siim_jax.train_state import create_train_state, make_train_step
     from tests.tiny_model import TinySegmenter, random_batch
 
@@ -55,7 +67,7 @@ def main() -> None:
     state = sharding.replicate(state, mesh)
     step = make_train_step(
         model_def, losses.make_loss({"cls_weight": 0.5}), optimizer, optim.make_schedule(config, STEPS), mesh,
-        grad_accum=args.accum,
+        grad_accum=accum,
     )
     rows = sharding.local_batch_size(GLOBAL_BATCH, mesh)
     start = jax.process_index() * rows
@@ -67,8 +79,7 @@ def main() -> None:
             for name, values in local.items()
         }
         state, _ = step(state, global_batch)
-    out = args.out if args.processes == 1 else args.out.with_suffix(f".{args.process_id}.npz")
-    np.savez(out, **initial, **flat_params(state.params, "final"))
+    return initial, flat_params(state.params, "final")
 
 
 def flat_params(params, prefix: str) -> dict:
