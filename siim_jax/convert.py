@@ -238,18 +238,27 @@ def _encoder_name(source: str, name: str) -> tuple[str, str]:
     return "se_resnext", ("seresnext" if source == "timm" else "se_resnext") + depth
 
 
+def _decoder_widths(state_dict: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+    """Each decoder block's width from its last conv; smp's default where that tensor is missing (then reported)."""
+    defaults = default_model_config().decoder_channels
+    blocks = {int(m.group(1)) for m in map(re.compile(r"decoder\.blocks\.(\d+)\.").match, state_dict) if m}
+    if blocks != set(range(len(defaults))):
+        raise ConversionError(f"expected smp's {len(defaults)} decoder blocks, found {sorted(blocks)}")
+    weights = [state_dict.get(f"decoder.blocks.{i}.conv2.0.weight") for i in range(len(defaults))]
+    return tuple(default if w is None else w.shape[0] for w, default in zip(weights, defaults))
+
+
 def _unet_options(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """UNet config fields read from an smp Unet state dict's keys and shapes."""
     if "segmentation_head.0.weight" not in state_dict:
         raise ConversionError("not a whole smp Unet state dict: no segmentation_head.0.weight")
-    n_blocks = sum(1 for key in state_dict if re.fullmatch(r"decoder\.blocks\.\d+\.conv1\.0\.weight", key))
     classes = state_dict["segmentation_head.0.weight"].shape[0]
     cls_weight = state_dict.get("classification_head.3.weight")
     if cls_weight is not None and cls_weight.shape[0] != classes:
         raise ConversionError(f"classification head has {cls_weight.shape[0]} classes, masks have {classes}")
     return {
         "classes": classes,
-        "decoder_channels": tuple(state_dict[f"decoder.blocks.{i}.conv2.0.weight"].shape[0] for i in range(n_blocks)),
+        "decoder_channels": _decoder_widths(state_dict),
         "attention": "scse" if any(".attention1.attention." in key for key in state_dict) else None,
         "cls_head": cls_weight is not None,
     }
