@@ -20,17 +20,11 @@ from pathlib import Path
 
 import jax
 import pytest
-from flax import nnx
 
 from siim_jax import checkpoints, models, train
-from tests.tiny_model import TinySegmenter
+from tests.tiny_model import build_tiny_model
 
 SIGNALLED_FILE = "signalled.json"
-
-
-def build_tiny_model(model_config=None, rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """A stand-in for `models.build_model` (which `models.build_unfilled` calls too)."""
-    return TinySegmenter(rngs=rngs or nnx.Rngs(0))
 
 
 @pytest.fixture(scope="session")

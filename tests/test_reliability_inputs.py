@@ -36,7 +36,7 @@ from tests.bad_inputs import (
     label_file,
     write_tree,
 )
-from tests.kill_worker import build_tiny_model
+from tests.tiny_model import build_tiny_model
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 

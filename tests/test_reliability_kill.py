@@ -2,7 +2,7 @@
 uninterrupted result; submissions interrupted at any point.
 
 Each training run is a child of a multiprocessing forkserver that imported the training code once, and the runs share
-a persistent compilation cache, so a run costs seconds. The model is `tests.kill_worker`'s tiny one; the data
+a persistent compilation cache, so a run costs seconds. The model is `tests.tiny_model`'s tiny one; the data
 10 synthetic images at 32², 8 in training: 4 steps an epoch for 2 epochs, a checkpoint every 2 steps.
 """
 
