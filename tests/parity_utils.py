@@ -223,6 +223,6 @@ class CaseRun:
         return trace
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)  # a float64 case holds GBs; tests run case by case
 def run_case(case: Case) -> CaseRun:
     return CaseRun(case)

@@ -1,12 +1,10 @@
 """Converted Flax models against their PyTorch references, built with random weights (none can be downloaded).
 
-Eval outputs are checked for every case; the train-mode checks (first forward's outputs and BatchNorm
-statistics, gradients, three Adam steps) for the cases in TRAINED. How each is measured: parity_utils.
+Every case is checked in eval mode and in train mode (first forward's outputs and BatchNorm statistics,
+gradients, three Adam steps). How each is measured: parity_utils.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -77,12 +75,6 @@ CASES = [
     _unet_case("se_resnext50_32x4d", None),
     _unet_case("se_resnext50_32x4d", "scse"),
 ]
-# Train-mode checks compile a float64 backward pass, 1-3 min per case on two CPU cores; SIIM_PARITY_ALL=1 runs
-# them on every case. By default they run on one UNet: what differs between train and eval mode (BatchNorm on
-# batch statistics and its running updates, dropout) is the same code in every case, and autodiff differentiates
-# forwards that the eval checks already pin down.
-TRAINED_BY_DEFAULT = {"smp_unet_resnet50"}
-TRAINED = [c for c in CASES if os.environ.get("SIIM_PARITY_ALL") == "1" or c.name in TRAINED_BY_DEFAULT]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -90,7 +82,11 @@ def test_eval_outputs(case):
     report("eval-outputs", case.name, run_case(case).eval_difference)
 
 
+# The train-mode checks compile a float64 backward pass per case (1-3 min and several GB on two CPU cores), so
+# they share one xdist group: under `pytest -n 2 --dist loadgroup` (the README's command) they run one after another
+# on a single worker, and memory holds one float64 case at a time (run_case keeps only the latest).
+@pytest.mark.xdist_group("parity-float64")
 @pytest.mark.parametrize("check", ["train-outputs", "batchnorm-statistics", "gradients", "adam-steps"])
-@pytest.mark.parametrize("case", TRAINED, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_train_mode(case, check):
     report(check, case.name, run_case(case).training_differences[check])
