@@ -29,7 +29,8 @@ class DicomCase:
     """A file for `read_header` (what the index checks) and `read_dicom` (what training and predict decode).
 
     `header_error`: the reason both give (the index skips or rejects the file before training).
-    `decode_error`: the reason only `read_dicom` gives (a training epoch gives an invalid blank row instead).
+    `decode_error`: the reason only `read_dicom` gives (training stands in another image for the file, evaluation
+    gives an invalid blank row).
     Neither: the file decodes, and `check` holds for the decoded image.
     """
 

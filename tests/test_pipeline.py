@@ -139,6 +139,24 @@ def test_undecodable_dicom_becomes_an_invalid_blank_row(synthetic_tree, tmp_path
     assert (batch["mask"][broken] == 0).all() and batch["positive"][broken] == 0
 
 
+def test_training_stands_in_the_next_decodable_image_of_the_same_class(synthetic_tree, tmp_path):
+    root, image_id = corrupt_copy(synthetic_tree, tmp_path / "tree")
+    config = data_config(root, n_folds=1, fold=-1)
+    config.balance.mode = "none"  # every row once
+    frame = pipeline.build_datasets(config).train
+    broken = int(np.flatnonzero(frame["image_id"] == image_id)[0])
+    positive = frame["positive"].to_numpy(bool)
+    same_class = [row for row in range(len(frame)) if positive[row] == positive[broken] and row != broken]
+    stand_in = next((row for row in same_class if row > broken), same_class[0])
+
+    (batch,) = take(pipeline.train_iterator(config, frame, 0, len(frame), 0, 1))
+    assert batch["valid"].all()
+    counts = np.bincount(batch["index"], minlength=len(frame))
+    assert counts[broken] == 0 and counts[stand_in] == 2
+    assert (np.delete(counts, [broken, stand_in]) == 1).all()
+    assert (batch["positive"][batch["index"] == stand_in] == positive[stand_in]).all()
+
+
 def test_to_device_places_the_batch_on_the_data_mesh(synthetic_tree, splits):
     sharding = data_mesh_sharding()
     iterator = pipeline.eval_batches(data_config(synthetic_tree), splits.val, 2, 0, 1, sharding=sharding)

@@ -42,7 +42,8 @@ Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when `
   'image' float32 (B, H, W, 3) ImageNet-normalised grey replicated to three channels; 'mask' float32
   (B, H, W, 1) in {0, 1}; 'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that
   cannot be decoded (blank image and mask, positive 0, logged, and added to ``skipped_csv`` when the iterator was
-  given one); 'index' int32 (B,): row in the frame, -1 for padding.
+  given one); 'index' int32 (B,): row in the frame, -1 for padding. Training batches replace a file that cannot
+  be decoded by the next decodable image of the same class (its 'index' says which), so they stay all valid.
 
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
 (orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
@@ -76,6 +77,7 @@ from siim_jax.data.labels import SKIPPED_COLUMNS, assign_folds, build_index, ski
 
 _SAMPLE_STREAM, _AUGMENT_STREAM = 1, 2  # second entropy word: epoch draws and augmentations never share a stream
 _DEVICE_PREFETCH = 2
+_STAND_IN_TRIES = 16  # rows tried in place of a training file that fails to decode
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +257,7 @@ class DicomSource:
         try:
             decoded = tfds_siim.decode_example(self._paths[row], self._rles[row], self._image_size)
         except (DicomError, rle.RLEError) as exc:
-            log.warning("unreadable, given as an invalid blank row: %s", exc)
+            log.warning("unreadable, left out: %s", exc)
             if self._skipped_csv is not None:
                 reason = exc.reason if isinstance(exc, DicomError) else str(exc)
                 _add_skipped(self._skipped_csv, self._image_ids[row], self._paths[row], reason)
@@ -300,9 +302,13 @@ class _LoadElement(grain.transforms.Map):
     seed: int = 0
     epoch: int = 0
 
+    replace_failures: bool = False  # training: stand in the next decodable row of the same class
+
     def map(self, item: np.ndarray) -> dict[str, np.ndarray]:
         row, position = int(item[0]), int(item[1])
         loaded = self.source.load(row) if row >= 0 else None
+        if loaded is None and row >= 0 and self.replace_failures:
+            row, loaded = self._same_class_stand_in(row)
         if loaded is None:
             blank = np.zeros((self.image_size, self.image_size), np.uint8)
             image, mask = blank, blank
@@ -316,6 +322,18 @@ class _LoadElement(grain.transforms.Map):
             element["mask"] = mask
             element["positive"] = np.float32(self.positive[row] if loaded is not None else 0.0)  # as the mask
         return element
+
+    def _same_class_stand_in(self, row: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+        """The first decodable row after `row` (cyclically) with the same label, so that a file that fails to
+        decode never enters training as a blank image labelled negative; (row, None) when none of the next
+        _STAND_IN_TRIES does."""
+        same_class = np.flatnonzero(self.positive == self.positive[row])
+        following = np.roll(same_class, -int(np.searchsorted(same_class, row)) - 1)
+        for candidate in following[:_STAND_IN_TRIES]:
+            loaded = self.source.load(int(candidate))
+            if loaded is not None:
+                return int(candidate), loaded
+        return row, None
 
 
 def _collate(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -396,6 +414,7 @@ def train_iterator(
         augment=TrainAugment(config.augment, config.image_size),
         seed=config.seed,
         epoch=epoch,
+        replace_failures=True,
     )
     dataset = grain.MapDataset.source(plan).map(load).batch(len(plan) // steps, batch_fn=_collate)
     return _iterate(config, dataset, sharding)
