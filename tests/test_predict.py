@@ -226,7 +226,8 @@ def test_predict_writes_overlays_of_its_images(tmp_path):
 
 
 def _train_briefly(root):
-    """A synthetic set (with test labels in stage_2_train.csv) and the demo config trained on it for two epochs."""
+    """A synthetic set (with test labels in stage_2_train.csv) and the demo config trained on it for two epochs, each
+    evaluated (so that two checkpoints are ranked)."""
     from siim_jax.config_utils import load_config
     from siim_jax.data.synthetic import generate
     from siim_jax.train import train_and_evaluate
@@ -235,7 +236,7 @@ def _train_briefly(root):
     config = load_config(f"{DEMO_CONFIG}:{data.out_dir}")
     config.data.image_size = 64
     config.model.decoder_channels = (16, 8, 8, 8, 8)
-    config.train.update(epochs=2, batch_size=2, eval_batch_size=2, eval_at_start=False)
+    config.train.update(epochs=2, eval_every_epochs=1, batch_size=2, eval_batch_size=2, eval_at_start=False)
     config.optim.warmup_steps = 1
     train_and_evaluate(config, root / "run")
     return root / "run", data
