@@ -19,9 +19,6 @@ import cv2
 import ml_collections
 import numpy as np
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import, in every worker process
-import albumentations as A  # noqa: E402
-
 ORIGINAL_SIZE = 1024  # the challenge's images; the noise level below is specified at this size
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -75,6 +72,11 @@ class TrainAugment:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, image_size: int):
+        # Imported here, not with the module: albumentations also imports torch when it is installed (seconds),
+        # which predict, tune and evaluate never need.
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import, in every worker process
+        import albumentations as A
+
         gain = linear_resize_noise_gain(ORIGINAL_SIZE, image_size)
         low, high = (float(std) * gain for std in config.noise_std_range)
         self._pipeline = A.Compose(
