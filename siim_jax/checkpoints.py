@@ -4,9 +4,10 @@ Layout of `workdir/checkpoints/<step>/`:
   state/      the TrainState (step, params, batch_stats, opt_state, ema_params, rng, plateau), orbax PyTree
   config/     the full training config as JSON
   data_iter/  the training iterator's position, one `process_<i>-of-<n>.json` per process (grain's handler)
-  metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'iou', 'dice_positive', 'auc', ...})
+  metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'dice_gated', 'dice_positive', 'auc', ...})
 
-Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice. A checkpoint
+Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice, class-gated
+('dice_gated': a classification head's negative verdict empties the mask, as such models are used). A checkpoint
 without metrics (a periodic or interrupt save mid-epoch) is dropped once it is no longer the latest and the run
 holds more than `keep_best` checkpoints (orbax's BestN keeps everything up to that count).
 """
@@ -28,13 +29,13 @@ from siim_jax import config_utils, model_io
 from siim_jax.models import build_unfilled
 
 CHECKPOINT_DIR = "checkpoints"
-BEST_METRIC = "dice"
+BEST_METRIC = "dice_gated"  # see metrics.MetricAccumulator.summarize
 
 log = logging.getLogger(__name__)
 
 
 def _best_metric(metrics) -> float:
-    return float(metrics[BEST_METRIC])
+    return float(metrics.get(BEST_METRIC, metrics["dice"]))  # 'dice' in checkpoints saved before 'dice_gated' existed
 
 
 class _WithoutMetricsIsExpected(logging.Filter):
@@ -118,7 +119,7 @@ class TrainingCheckpoints:
         return self.manager.metrics(step)
 
     def best_steps(self, count: int) -> list[int]:
-        """Up to `count` steps with validation metrics, best Dice first."""
+        """Up to `count` steps with validation metrics, best (class-gated) Dice first."""
         scored = [(self.metrics(step), step) for step in self.all_steps()]
         scored = [(_best_metric(m), step) for m, step in scored if m is not None]
         return [step for _, step in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
@@ -172,7 +173,7 @@ def restore_for_inference(
 ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
     """(model in eval mode, config) from a training workdir, its checkpoints dir, or a `model_io` model dir.
 
-    From training checkpoints: the latest step, or `step`, or the best validation Dice (`best`), or the
+    From training checkpoints: the latest step, or `step`, or the best class-gated validation Dice (`best`), or the
     parameters and batch statistics averaged over the `average_top` best steps. The weights are the EMA ones
     when the run kept an EMA (`optim.ema_decay > 0`); batch statistics are always the trained ones. The config
     is the run's full config. A model dir holds one set of weights; its config is returned as

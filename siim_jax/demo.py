@@ -51,9 +51,9 @@ def ensure_dataset(data_dir: Path, n_train: int, n_test: int, seed: int, mask_so
 def inference_for(train_dir: Path):
     """The final weights of the training, with predict's default options (hflip TTA on).
 
-    Not `--best`: the demo's cosine schedule ends converged, while the best-k checkpoints are ranked by the
-    validation Dice at a bare 0.5 threshold, which early on rewards a model that predicts almost nothing (stray
-    pixels on the negatives cost more than missed pneumothoraces until post-processing removes them).
+    Not `--best`: the best-k ranking scores masks at a bare 0.5 threshold, before the post-processing tuned
+    next, which can favour an early model that predicts almost nothing; the cosine schedule's final weights are
+    the converged ones.
     """
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)

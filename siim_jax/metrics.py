@@ -92,17 +92,22 @@ class MetricAccumulator:
         return {name: np.concatenate([b[name] for b in self._batches] or [np.zeros(0)]) for name in STAT_NAMES}
 
     def summarize(self) -> dict[str, float]:
-        """{'dice', 'iou', 'dice_positive', 'auc', 'n_images'}; means are NaN when no image qualifies.
+        """{'dice', 'dice_gated', 'iou', 'dice_positive', 'auc', 'n_images'}; means are NaN when no image qualifies.
 
-        'dice_positive' averages over images with non-empty truth; 'auc' ranks 'score' against
-        the truth being non-empty and is NaN unless both classes are present.
+        'dice_gated' empties the prediction of every image whose 'score' is below 0.5: the classification head's
+        verdict, as segmentation-plus-classification models are used (without a head the score is the top pixel
+        probability, so at threshold 0.5 it equals 'dice'). 'dice_positive' averages over images with non-empty
+        truth; 'auc' ranks 'score' against the truth being non-empty and is NaN unless both classes are present.
         """
         s = self.stats()
         areas = (s["intersection"], s["pred_area"], s["true_area"])
         dice = dice_from_areas(*areas)
+        kept = s["score"] >= 0.5
+        gated_dice = dice_from_areas(s["intersection"] * kept, s["pred_area"] * kept, s["true_area"])
         positive = s["true_area"] > 0
         return {
             "dice": _mean_or_nan(dice),
+            "dice_gated": _mean_or_nan(gated_dice),
             "iou": _mean_or_nan(iou_from_areas(*areas)),
             "dice_positive": _mean_or_nan(dice[positive]),
             "auc": roc_auc(s["score"], positive),

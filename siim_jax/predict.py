@@ -381,7 +381,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="training workdir or converted model directory")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="this saved step (default: the latest)")
-    which.add_argument("--best", action="store_true", help="the step with the best validation Dice")
+    which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
     which.add_argument("--average-top", type=int, default=0, metavar="K",
                        help="average the parameters of the K best steps")
     parser.add_argument("--image-size", type=int,

@@ -58,6 +58,15 @@ def test_keeps_the_latest_and_the_best_k(tmp_path):
         assert checkpoints.metrics(5)["dice"] == pytest.approx(0.8)
 
 
+def test_ranks_by_gated_dice_and_falls_back_to_dice_for_older_checkpoints(tmp_path):
+    scores = {1: {"dice": 0.9, "dice_gated": 0.2}, 2: {"dice": 0.4, "dice_gated": 0.8}, 3: {"dice": 0.6}}
+    with TrainingCheckpoints(tmp_path, keep_best=3) as checkpoints:
+        for step, metrics in scores.items():
+            checkpoints.save(step, tiny_state(step), small_config(), data_iterator(), metrics)
+    with TrainingCheckpoints(tmp_path, read_only=True) as checkpoints:
+        assert checkpoints.best_steps(3) == [2, 3, 1]
+
+
 def test_restores_the_state_the_config_and_the_data_position(tmp_path):
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), tiny_state(0))

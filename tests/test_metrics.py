@@ -119,3 +119,15 @@ def test_summary_values_match_direct_computation():
     assert summary["dice"] == pytest.approx(metrics.challenge_dice(pred, masks))
     assert summary["dice_positive"] == pytest.approx(metrics.challenge_dice(pred[positive], masks[positive]))
     assert summary["auc"] == pytest.approx(_brute_force_auc(probs.reshape(len(probs), -1).max(1), positive))
+    assert summary["dice_gated"] == summary["dice"]  # the score is the top pixel probability: the same verdict
+
+
+def test_gated_dice_empties_the_masks_the_class_head_calls_negative():
+    probs, masks = _random_batch(seed=7)
+    probs, masks = probs[..., 0], masks[..., 0]
+    class_probs = np.random.default_rng(7).uniform(size=len(probs)).astype(np.float32)
+    accumulator = metrics.MetricAccumulator()
+    accumulator.add(metrics.per_image_stats(probs, masks, class_probs=class_probs))
+    gated = (probs > 0.5) & (class_probs >= 0.5)[:, None, None]
+    assert 0 < (class_probs >= 0.5).sum() < len(probs)
+    assert accumulator.summarize()["dice_gated"] == pytest.approx(metrics.challenge_dice(gated, masks))
