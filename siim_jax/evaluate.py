@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from siim_jax.data.labels import build_index, merged_mask
-from siim_jax.metrics import MetricAccumulator, dice_from_areas, iou_from_areas
+from siim_jax.metrics import STAT_NAMES, MetricAccumulator, dice_from_areas, iou_from_areas
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
 from siim_jax.predict import (
@@ -119,9 +119,9 @@ def per_image_table(rows: list[tuple]) -> pd.DataFrame:
 
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """Challenge Dice, IoU, positive-only Dice, AUC and the image count of a per-image table."""
+    """`MetricAccumulator.summarize` (challenge Dice, IoU, positive-only Dice, AUC, ...) of a per-image table."""
     accumulator = MetricAccumulator()
-    accumulator.add({name: table[name].to_numpy() for name in ("intersection", "pred_area", "true_area", "score")})
+    accumulator.add({name: table[name].to_numpy() for name in STAT_NAMES})
     return accumulator.summarize()
 
 
