@@ -301,7 +301,6 @@ class _LoadElement(grain.transforms.Map):
     augment: TrainAugment | None = None
     seed: int = 0
     epoch: int = 0
-
     replace_failures: bool = False  # training: stand in the next decodable row of the same class
 
     def map(self, item: np.ndarray) -> dict[str, np.ndarray]:
