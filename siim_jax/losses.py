@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -22,13 +23,9 @@ def _per_image_sum(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1).sum(axis=1)
 
 
-def _elementwise_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return -(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits))
-
-
 def bce_with_logits(logits, targets) -> jax.Array:
     """Mean binary cross-entropy of `sigmoid(logits)` against `targets`."""
-    return jnp.mean(_elementwise_bce(_float32(logits), _float32(targets)))
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(_float32(logits), _float32(targets)))
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float | None = 0.25, gamma: float = 2.0) -> jax.Array:
@@ -37,19 +34,15 @@ def sigmoid_focal_loss(logits, targets, alpha: float | None = 0.25, gamma: float
     `alpha` weights the positive pixels and `1 - alpha` the negatives, as in
     torchvision.ops.sigmoid_focal_loss and smp's FocalLoss; `alpha=None` disables the weighting.
     """
-    logits, targets = _float32(logits), _float32(targets)
-    bce = _elementwise_bce(logits, targets)
-    # 1 - p_t = 1 - exp(-bce), written with expm1 to keep precision when p_t is close to 1.
-    loss = (-jnp.expm1(-bce)) ** gamma * bce
-    if alpha is not None:
-        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return jnp.mean(loss)
+    return jnp.mean(optax.sigmoid_focal_loss(_float32(logits), _float32(targets), alpha=alpha, gamma=gamma))
 
 
 def _ratio_loss(numerator: jax.Array, denominator: jax.Array, smooth: float) -> jax.Array:
     return 1.0 - (numerator + smooth) / (denominator + smooth)
 
 
+# Soft Dice stays ours: optax.losses.dice_loss scores (I + s) / ((P + T) / 2 + s), so its `smooth` is half of ours,
+# and the weighted soft Dice below shares this ratio.
 def soft_dice_loss(logits, targets, smooth: float = 1.0, per_image: bool = True) -> jax.Array:
     """1 - (2 sum(p y) + smooth) / (sum(p) + sum(y) + smooth) with p = sigmoid(logits).
 
