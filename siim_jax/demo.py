@@ -19,7 +19,7 @@ import pandas as pd
 
 from siim_jax import config_utils
 from siim_jax.data import synthetic
-from siim_jax.data.tfds_siim import TRAIN_CSV, TRAIN_DIR
+from siim_jax.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR
 from siim_jax.evaluate import evaluate_images, format_summary, labelled_frame, summarize
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
@@ -27,8 +27,6 @@ from siim_jax.predict import add_model_arguments, load_inference, overlay_sample
 from siim_jax.tune import format_table, predict_fold, tune
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
-TEST_DIR = "dicom-images-test"
-SAMPLE_SUBMISSION = "sample_submission.csv"
 
 
 def ensure_dataset(data_dir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None) -> Path:
@@ -37,7 +35,7 @@ def ensure_dataset(data_dir: Path, n_train: int, n_test: int, seed: int, mask_so
     It is written into a sibling folder and renamed when complete, so an interrupted run never leaves a partial
     dataset that a later run would take for a finished one.
     """
-    if (data_dir / SAMPLE_SUBMISSION).is_file():
+    if (data_dir / SAMPLE_SUBMISSION_CSV).is_file():
         print(f"reusing the synthetic dataset in {data_dir}")
         return data_dir
     partial = data_dir.with_name(data_dir.name + ".partial")
@@ -92,7 +90,7 @@ def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: s
     metrics = summarize(table)
     print(format_summary(metrics))
 
-    items = submission_items(data_dir / TEST_DIR, data_dir / SAMPLE_SUBMISSION)
+    items = submission_items(data_dir / TEST_DIR, data_dir / SAMPLE_SUBMISSION_CSV)
     test_overlays = OverlayWriter(workdir / "overlays" / "test", sample=overlay_sample(len(items), 8, seed))
     submission_csv = workdir / "submission.csv"
     expected = [image_id for image_id, _ in items]

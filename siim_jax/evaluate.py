@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from siim_jax.data.labels import build_index, merged_mask
+from siim_jax.data.layout import TRAIN_CSV, TRAIN_DIR
 from siim_jax.metrics import STAT_NAMES, MetricAccumulator, dice_from_areas, iou_from_areas
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
@@ -72,8 +73,6 @@ def resolve_labelled_data(args: argparse.Namespace, config) -> tuple[Path, Path,
         return args.data, args.labels, data_config
     if data_config is None or not data_config.root:
         raise SystemExit("the checkpoint's config names no data root: pass --data and --labels")
-    from siim_jax.data.tfds_siim import TRAIN_CSV, TRAIN_DIR  # the challenge's layout
-
     root = Path(data_config.root)
     labels = args.labels or Path(data_config.labels_csv or root / TRAIN_CSV)
     return args.data or root / TRAIN_DIR, labels, data_config

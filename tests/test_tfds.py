@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from siim_jax.data import pipeline, tfds_siim
+from siim_jax.data.decode import decode_example
 from siim_jax.data.labels import build_index
 
 from .pipeline_fixtures import IMAGE_SIZE, N_TEST, N_TRAIN, corrupt_copy, data_config
@@ -46,7 +47,7 @@ def test_prepared_records_equal_direct_decode_and_resize(corrupt_tree, prepared)
     readable = index[index["image_id"] != broken_id]
     assert len(records) == len(readable)
     for record, row in zip(records, readable.itertuples()):
-        direct = tfds_siim.decode_example(row.path, row.rles, IMAGE_SIZE)
+        direct = decode_example(row.path, row.rles, IMAGE_SIZE)
         assert record["image_id"].decode() == row.image_id and bool(record["positive"]) == row.positive
         np.testing.assert_array_equal(record["image"], direct.image)
         np.testing.assert_array_equal(record["mask"], direct.mask)

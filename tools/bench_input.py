@@ -29,7 +29,7 @@ import pandas as pd
 import pydicom
 import torch
 
-from siim_jax.data import pipeline, rle, synthetic, tfds_siim
+from siim_jax.data import layout, pipeline, rle, synthetic, tfds_siim
 from siim_jax.data.augment import default_augment_config
 from siim_jax.data.labels import build_index
 
@@ -104,7 +104,7 @@ def main() -> None:
         root = args.data or Path(scratch) / "synthetic"
         if args.data is None:
             synthetic.generate(root, args.n_images, 0, seed=0, progress=False)
-        frame = build_index(root / tfds_siim.TRAIN_DIR, root / tfds_siim.TRAIN_CSV, group_by_patient=False).frame
+        frame = build_index(root / layout.TRAIN_DIR, root / layout.TRAIN_CSV, group_by_patient=False).frame
         start = time.perf_counter()
         prepared = tfds_siim.prepare(root, args.size, Path(scratch) / "prepared")
         print(f"prepare: {len(frame)} images at {args.size}² in {time.perf_counter() - start:.1f} s")

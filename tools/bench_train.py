@@ -310,10 +310,10 @@ def prepared_synthetic(cache: Path, n_images: int, size: int):
     """(prepared dir, index frame) of `n_images` synthetic radiographs prepared at `size`, cached in `cache`."""
     import shutil
 
-    from siim_jax.data import synthetic, tfds_siim
+    from siim_jax.data import layout, synthetic, tfds_siim
 
     raw = cache / f"synthetic-{n_images}"
-    if not (raw / tfds_siim.TRAIN_CSV).is_file():  # written last: its absence means an unfinished folder
+    if not (raw / layout.TRAIN_CSV).is_file():  # written last: its absence means an unfinished folder
         shutil.rmtree(raw, ignore_errors=True)
         processes = min(8, os.cpu_count() or 1, max(1, n_images // 8))
         synthetic.generate(raw, n_images, 0, seed=0, processes=processes, progress=False)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from siim_jax.data import rle
 from siim_jax.data.dicom import DicomError, read_header
+from siim_jax.data.layout import DICOM_SUFFIX
 
 IMAGE_ID = "ImageId"
 ENCODED_PIXELS = "EncodedPixels"
@@ -98,7 +99,7 @@ def find_dicoms(root) -> dict[str, str]:
     if not root.is_dir():
         raise LabelError(f"{root}: DICOM folder not found")
     found: dict[str, str] = {}
-    for path in sorted(root.rglob("*.dcm")):
+    for path in sorted(root.rglob(f"*{DICOM_SUFFIX}")):
         image_id = path.stem
         if image_id in found:
             raise LabelError(f"duplicate ImageId {image_id}: {found[image_id]} and {path}")

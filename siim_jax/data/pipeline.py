@@ -70,8 +70,9 @@ import pandas as pd
 import pydicom
 from absl import flags
 
-from siim_jax.data import rle, tfds_siim
+from siim_jax.data import layout, rle
 from siim_jax.data.augment import TrainAugment, default_augment_config, normalise
+from siim_jax.data.decode import decode_example
 from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import SKIPPED_COLUMNS, assign_folds, build_index, skipped_frame
 
@@ -165,6 +166,8 @@ def _dicom_test_frame(test_dir: Path) -> pd.DataFrame:
 def build_datasets(config: ml_collections.ConfigDict) -> Splits:
     """Index frames of the training folds, the validation fold and the test images."""
     if config.prepared_dir:
+        from siim_jax.data import tfds_siim  # TFDS only for a prepared cache: on-the-fly training never imports it
+
         builder = tfds_siim.load_prepared(config.prepared_dir, config.image_size)
         labelled = tfds_siim.index_frame(builder, "train")
         groups = labelled["patient_id"].fillna(labelled["image_id"]).to_numpy()
@@ -180,12 +183,12 @@ def build_datasets(config: ml_collections.ConfigDict) -> Splits:
         )
     else:
         root = Path(config.root)
-        labels_csv = config.labels_csv or root / tfds_siim.TRAIN_CSV
+        labels_csv = config.labels_csv or root / layout.TRAIN_CSV
         index = build_index(
-            root / tfds_siim.TRAIN_DIR, labels_csv, config.n_folds, config.fold_seed, strict=config.strict
+            root / layout.TRAIN_DIR, labels_csv, config.n_folds, config.fold_seed, strict=config.strict
         )
         labelled, report, skipped = index.frame, index.report(), index.skipped
-        test = _dicom_test_frame(root / tfds_siim.TEST_DIR)
+        test = _dicom_test_frame(root / layout.TEST_DIR)
     validation = labelled["fold"] == config.fold
     return Splits(
         train=labelled[~validation].reset_index(drop=True),
@@ -255,7 +258,7 @@ class DicomSource:
 
     def load(self, row: int) -> tuple[np.ndarray, np.ndarray] | None:
         try:
-            decoded = tfds_siim.decode_example(self._paths[row], self._rles[row], self._image_size)
+            decoded = decode_example(self._paths[row], self._rles[row], self._image_size)
         except (DicomError, rle.RLEError) as exc:
             log.warning("unreadable, left out: %s", exc)
             if self._skipped_csv is not None:
@@ -272,6 +275,8 @@ class PreparedSource:
         splits = frame["split"].unique()
         if len(splits) > 1:
             raise ValueError(f"a frame mixes prepared splits {list(splits)}")
+        from siim_jax.data import tfds_siim  # see build_datasets
+
         builder = tfds_siim.load_prepared(prepared_dir, image_size)
         self._records = frame["record"].to_numpy(np.int64)
         self._data = builder.as_data_source(split=splits[0]) if len(splits) else None

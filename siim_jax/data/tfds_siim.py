@@ -26,32 +26,16 @@ import pandas as pd
 import tensorflow_datasets as tfds
 
 from siim_jax.data import rle
-from siim_jax.data.augment import resize_pair
-from siim_jax.data.dicom import DicomError, read_dicom
+from siim_jax.data.decode import DecodedExample, decode_example
+from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import build_index
+from siim_jax.data.layout import TEST_DIR, TRAIN_CSV, TRAIN_DIR
 
 NAME = "siim_pneumothorax"
 VERSION = tfds.core.Version("1.0.0")
-TRAIN_DIR, TEST_DIR, TRAIN_CSV = "dicom-images-train", "dicom-images-test", "train-rle.csv"
 INDEX_COLUMNS = ("image_id", "rles", "positive", "area", "patient_id", "height", "width", "record")
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodedExample:
-    image: np.ndarray  # uint8 (S, S)
-    mask: np.ndarray  # uint8 (S, S) in {0, 1}
-    original_size: tuple[int, int]  # (height, width)
-
-
-def decode_example(path, rles, image_size: int) -> DecodedExample:
-    """Decodes one DICOM and its merged mask at full size and resizes both: the one decoding path shared by the
-    prepared cache and the on-the-fly source, so both give identical arrays."""
-    dicom = read_dicom(path)
-    mask = rle.decode_merged(rles, *dicom.original_size, image_id=dicom.image_id).view(np.uint8)
-    image, mask = resize_pair(dicom.pixels, mask, image_size)
-    return DecodedExample(image, mask, dicom.original_size)
 
 
 def _decode_or_reason(task: tuple[str, tuple[str, ...], int]) -> DecodedExample | str:
