@@ -9,7 +9,7 @@ import sys
 # name -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "demo": ("siim_jax.demo", "the main job on built-in synthetic data: train, tune, evaluate, predict"),
-    "synth": ("siim_jax.data.synthetic", "write a synthetic dataset in the challenge's layout"),
+    "synth": ("siim_jax.data.synthetic.cli", "write a synthetic dataset in the challenge's layout"),
     "prepare": ("siim_jax.data.tfds_siim", "decode the challenge tree once into a TFDS cache at the training size"),
     "convert": ("siim_jax.convert", "convert PyTorch weights (torchvision, timm, Cadene, smp) to a Flax checkpoint"),
     "train": ("siim_jax.train", "train a UNet from a config file"),

@@ -15,7 +15,8 @@ import pytest
 from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from siim_jax.data import rle, synthetic
+from siim_jax.data import layout, rle, synthetic
+from siim_jax.data.synthetic import anatomy, cli, patients
 
 SEED = 3
 N_TRAIN, N_TEST = 6, 2
@@ -27,7 +28,7 @@ def generate(out: Path, **options) -> synthetic.SyntheticSummary:
 
 
 def dicom_files(root: Path, split: str) -> list[Path]:
-    return sorted((root / synthetic.SPLIT_DIRS[split]).glob("*/*/*.dcm"))
+    return sorted((root / layout.SPLIT_DIRS[split]).glob("*/*/*.dcm"))
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -137,8 +138,8 @@ def rendered_with_lung(seed: int, difficulty: float = synthetic.DEFAULT_DIFFICUL
     """A positive case and the lung field of its anatomy (render_case draws the patient, then the anatomy)."""
     image, mask = synthetic.render_case(np.random.default_rng(seed), True, difficulty)
     rng = np.random.default_rng(seed)
-    anatomy = synthetic.sample_anatomy(rng, synthetic.sample_patient(rng))
-    return image, mask, synthetic.lung_mask(synthetic.evaluate_fields(anatomy))
+    body = anatomy.sample_anatomy(rng, patients.sample_patient(rng))
+    return image, mask, anatomy.lung_mask(anatomy.evaluate_fields(body))
 
 
 def disk(radius: int) -> np.ndarray:
@@ -198,9 +199,9 @@ def test_mask_source_rows_come_from_the_real_label_file(tmp_path, siim_real):
 
 def test_command_line_writes_a_dataset(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    synthetic.add_arguments(parser)
+    cli.add_arguments(parser)
     args = parser.parse_args([str(tmp_path / "cli"), "--n-train", "2", "--n-test", "1", "--seed", "5"])
     assert (args.difficulty, args.processes, args.stage2, args.mask_source) == (0.5, 1, False, None)
-    assert synthetic.run(args) == 0
+    assert cli.run(args) == 0
     assert len(dicom_files(tmp_path / "cli", "train")) == 2
     assert "images/s" in capsys.readouterr().out
