@@ -101,7 +101,8 @@ def test_index_joins_tree_and_labels_and_reports_mismatches(tmp_path):
     assert len(frame) == 11
     assert index.images_without_labels == ["1.2.3.11"]
     assert index.labels_without_images == ["9.9.9"]
-    np.testing.assert_array_equal(labels.merged_mask(frame.loc["1.2.3.0"].to_dict() | {"image_id": "1.2.3.0"}), first | second)
+    merged = labels.merged_mask(frame.loc["1.2.3.0"].to_dict() | {"image_id": "1.2.3.0"})
+    np.testing.assert_array_equal(merged, first | second)
     assert frame.loc["1.2.3.0", "area"] == (first | second).sum()
     assert frame.loc["1.2.3.0", "path"].endswith("1.2.3.0.dcm")
     patients = frame.groupby("patient_id")["fold"].nunique()

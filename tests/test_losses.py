@@ -6,6 +6,7 @@ import pytest
 
 from siim_jax import losses
 
+
 def _batch(seed=0, shape=(3, 16, 16, 1), positive_rate=0.3):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0.0, 3.0, shape).astype(np.float32)

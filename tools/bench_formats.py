@@ -65,13 +65,15 @@ def bench_rle(labels: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dicom", type=Path, default=SHARED / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+    sample_dicom = SHARED / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    parser.add_argument("--dicom", type=Path, default=sample_dicom)
     parser.add_argument("--labels", type=Path, default=SHARED / "siim-pneumothorax-train-rle.csv.gz")
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
     figures = {**bench_dicom(args.dicom, args.repeat), **bench_rle(args.labels)}
     print(f"read_dicom {figures['read_dicom_ms']:.2f} ms vs raw Pillow {figures['pillow_raw_ms']:.2f} ms "
-          f"(ratio {figures['read_dicom_over_pillow']:.2f}); pydicom pixel_array {figures['pydicom_pixel_array_ms']:.2f} ms")
+          f"(ratio {figures['read_dicom_over_pillow']:.2f}); "
+          f"pydicom pixel_array {figures['pydicom_pixel_array_ms']:.2f} ms")
     print(f"RLE decode+encode of {figures['rle_rows']} rows: {figures['rle_roundtrip_s']:.2f} s "
           f"({figures['rle_us_per_row']:.0f} us/row)")
     print(json.dumps(figures))

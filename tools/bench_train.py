@@ -40,9 +40,11 @@ two-core machine.
     python tools/bench_train.py --smoke --out /tmp/bench_smoke.json          # CPU smoke test
     python tools/bench_train.py --models resnet50 --sizes 1024 --skip-torch  # one model, one size, JAX only
 
-On the lent GPU machine (device tool `run`, carry [".whl"], timeout_s 600), after `bash ../shared/device/fetch-wheels.sh`:
+On the lent GPU machine (device tool `run`, carry [".whl"], timeout_s 600), after
+`bash ../shared/device/fetch-wheels.sh`, one command of two lines:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 tools/bench_train.py --out $OUT/bench.json
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD && python3 tools/bench_train.py --out $OUT/bench.json
 
 The table, e2e and predict lines come back in the output; $OUT/bench.json has every figure and $OUT/bench_logs/
 each part's log. Child environment: XLA_FLAGS gains `--xla_gpu_enable_latency_hiding_scheduler=true` (the one

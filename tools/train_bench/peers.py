@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from train_bench.measure import Skipped, gigabytes, failure, timed_loop
+from train_bench.measure import Skipped, failure, gigabytes, timed_loop
 from train_bench.plan import Job, Settings
 
 
