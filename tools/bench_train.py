@@ -16,7 +16,8 @@ and once each:
                  host-device copies; DICOM decoding is measured by tools/bench_input.py), and the projected time
                  for the 3,205 images of stage 2.
 It prints one progress line per part, a table with the ratios siim-jax / PyTorch, the e2e and predict lines, and
-as its last line one JSON object with every figure (also written to `--out`). Child logs go to `--logs`.
+as its last line one JSON object with every figure (also written to `--out`). Child logs go to `--logs`. This
+file is the command line; tools/train_bench/ holds the plan, the measured parts, the runner and the report.
 
 Selection: every `--models` x `--sizes` x batches (512: 32 and 16; 1024: 8; `--batches` overrides) for the first
 model, only the goal case (its first size and largest batch) for the others unless `--every-case`; torch.compile
