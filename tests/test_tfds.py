@@ -1,4 +1,6 @@
 import argparse
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +77,9 @@ def test_pipeline_reads_the_same_folds_and_batches_prepared_or_on_the_fly(corrup
     for key in direct:
         np.testing.assert_array_equal(direct[key], cached[key], err_msg=key)
     assert list(from_cache.test["height"]) == [1024] * N_TEST
+
+
+def test_on_the_fly_training_does_not_import_tfds():
+    # TFDS loads only for a prepared cache (pipeline imports tfds_siim inside its prepared-cache branches).
+    code = "import sys, siim_jax.train; sys.exit('tensorflow_datasets' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
