@@ -1,11 +1,13 @@
 import io
+import re
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless
 
 from siim_jax.data.dicom import DicomError, read_dicom
 
@@ -146,7 +148,8 @@ def _empty_file(tmp_path):
         (_zero_size, "zero-size"),
         (_png, "not a DICOM"),
         (_empty_file, "not a DICOM|unreadable"),
-        (lambda tmp: factory.save(factory.unsupported_syntax_dataset(_gradient()), tmp / "jls.dcm"), "unsupported transfer syntax JPEG-LS"),
+        (lambda tmp: factory.save(factory.unsupported_syntax_dataset(_gradient()), tmp / "j2k-mc.dcm"),
+         "unsupported transfer syntax JPEG 2000 Part 2"),
         (lambda tmp: tmp / "missing.dcm", "not found"),
     ],
 )
@@ -155,3 +158,153 @@ def test_bad_files_raise_typed_error_naming_file(tmp_path, make, reason):
     with pytest.raises(DicomError, match=reason) as info:
         read_dicom(path)
     assert str(path) in str(info.value) and info.value.path == str(path)
+
+
+# ------------------------------------------------------------------- every transfer syntax against pydicom's decoding
+
+_RNG = np.random.default_rng(0)
+# Noise over a gradient: smooth enough for lossy codecs to keep, rough enough to exercise every code path.
+_MONO8 = np.clip(_gradient(40, 56).astype(int) + _RNG.integers(-8, 9, (40, 56)), 0, 255).astype(np.uint8)
+_MONO12 = (_MONO8.astype(np.uint16) * 16 + _RNG.integers(0, 16, _MONO8.shape)).astype(np.uint16)
+_RGB = np.stack([_MONO8, 255 - _MONO8, np.roll(_MONO8, 7, axis=1)], axis=-1)
+
+
+def _built(make):
+    return lambda tmp: factory.save(make(), tmp / "image.dcm")
+
+
+def _sample(name):
+    return lambda tmp: factory.sample(name)
+
+
+# (id, build, tolerance): lossy codecs within 1 grey level of pydicom's decoding, lossless ones exactly.
+SYNTAX_CASES = [
+    ("uncompressed-mono", _built(lambda: factory.dataset(_MONO12, BitsStored=12)), 0),
+    ("uncompressed-rgb", _built(lambda: factory.dataset(_RGB, photometric="RGB")), 0),
+    ("uncompressed-ybr-full-422", _sample("SC_ybr_full_422_uncompressed.dcm"), 0),
+    ("uncompressed-palette", _sample("examples_palette.dcm"), 0),
+    ("jpeg-baseline-mono", _built(lambda: factory.jpeg_dataset(_MONO8)), 1),
+    ("jpeg-baseline-ybr-422", _built(lambda: factory.jpeg_dataset(_RGB)), 1),
+    ("jpeg-baseline-rgb-no-colour-transform", _sample("SC_jpeg_no_color_transform.dcm"), 1),
+    ("jpeg-baseline-rgb-adobe", _sample("SC_rgb_jpeg_app14_dcmd.dcm"), 1),
+    ("jpeg-baseline-ybr-full", _sample("SC_rgb_dcmtk_+eb+cy+s4.dcm"), 1),
+    ("jpeg-extended-8bit-mono", _built(lambda: factory.jpeg_dataset(_MONO8, extended=True)), 1),
+    ("jpeg-extended-8bit-ybr", _built(lambda: factory.jpeg_dataset(_RGB, extended=True)), 1),
+    ("jpeg-extended-12bit-mono", _sample("JPGExtended.dcm"), 1),
+    ("jpeg-lossless-sv1-mono8", _built(lambda: factory.lossless_jpeg_dataset(_MONO8)), 0),
+    ("jpeg-lossless-sv1-mono12", _built(lambda: factory.lossless_jpeg_dataset(_MONO12, bits_stored=12)), 0),
+    ("jpeg-lossless-sv1-rgb", _sample("SC_rgb_jpeg_gdcm.dcm"), 0),
+    ("jpeg-ls-lossless-mono8", _built(lambda: factory.compressed_dataset(_MONO8, JPEGLSLossless)), 0),
+    ("jpeg-ls-lossless-mono12", _built(lambda: factory.compressed_dataset(_MONO12, JPEGLSLossless, 12)), 0),
+    ("jpeg-ls-lossless-rgb", _built(lambda: factory.compressed_dataset(_RGB, JPEGLSLossless)), 0),
+    ("jpeg-ls-near-lossless-mono", _built(lambda: factory.compressed_dataset(_MONO8, JPEGLSNearLossless, jls_error=2)), 1),
+    ("jpeg-ls-near-lossless-rgb", _sample("SC_rgb_jls_lossy_line.dcm"), 1),
+    ("jpeg-2000-lossless-mono8", _built(lambda: factory.compressed_dataset(_MONO8, JPEG2000Lossless)), 0),
+    ("jpeg-2000-lossless-mono12", _built(lambda: factory.compressed_dataset(_MONO12, JPEG2000Lossless, 12)), 0),
+    ("jpeg-2000-lossless-rgb", _built(lambda: factory.compressed_dataset(_RGB, JPEG2000Lossless)), 0),
+    ("jpeg-2000-lossless-ybr-rct", _sample("GDCMJ2K_TextGBR.dcm"), 0),
+    ("jpeg-2000-mono", _built(lambda: factory.compressed_dataset(_MONO12, JPEG2000, 12, j2k_psnr=[50])), 1),
+    ("jpeg-2000-rgb", _sample("SC_rgb_gdcm_KY.dcm"), 1),
+    ("jpeg-2000-signed-16bit", _sample("693_J2KI.dcm"), 1),
+    ("rle-mono", _built(lambda: factory.compressed_dataset(_MONO12, RLELossless, 12)), 0),
+    ("rle-rgb", _built(lambda: factory.compressed_dataset(_RGB, RLELossless)), 0),
+    ("rle-rgb-16bit", _sample("SC_rgb_rle_16bit.dcm"), 0),
+]
+
+
+@pytest.mark.parametrize("build, tolerance", [case[1:] for case in SYNTAX_CASES], ids=[case[0] for case in SYNTAX_CASES])
+def test_every_transfer_syntax_matches_pydicom(tmp_path, build, tolerance):
+    path = build(tmp_path)
+    image = read_dicom(path)
+    reference = factory.pydicom_reference(path)
+    assert image.pixels.dtype == np.uint8 and image.pixels.shape == reference.shape
+    assert np.abs(image.pixels.astype(int) - reference.astype(int)).max() <= tolerance
+
+
+def test_colour_jpeg_never_takes_the_greyscale_path():
+    """A JPEG Baseline file with PhotometricInterpretation RGB and no colour transform: Pillow alone reads its
+    components as YCbCr (grey 176 at the corner where pydicom's RGB gives 244)."""
+    path = factory.sample("SC_jpeg_no_color_transform.dcm")
+    assert read_dicom(path).pixels[0, 0] == factory.pydicom_reference(path)[0, 0] == 244
+
+
+# ------------------------------------------------------------------------------------------------- VOI and frames
+
+
+def _windowed(function, **elements):
+    return factory.dataset(_MONO12, BitsStored=12, WindowCenter=1800, WindowWidth=1500, VOILUTFunction=function,
+                           **elements)
+
+
+def _lut_item(entries=4096, first=0, bits=16):
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [entries, first, bits])
+    item.add_new("LUTData", "US", [int(v) for v in (np.arange(entries) / (entries - 1)) ** 0.5 * (2**bits - 1)])
+    return item
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_voi_lut_function_matches_pydicom(tmp_path, function, photometric):
+    ds = _windowed(function)
+    ds.PhotometricInterpretation = photometric
+    path = factory.save(ds, tmp_path / "window.dcm")
+    linear = factory.pydicom_reference(factory.save(_windowed("LINEAR"), tmp_path / "linear.dcm"))
+    reference = factory.pydicom_reference(path)
+    np.testing.assert_array_equal(read_dicom(path).pixels, reference)
+    if function == "SIGMOID":  # the function is followed, not ignored
+        assert np.abs(reference.astype(int) - linear).max() > 10
+
+
+def test_voi_lut_is_preferred_over_the_window(tmp_path):
+    ds = _windowed("LINEAR")
+    ds.VOILUTSequence = [_lut_item()]
+    path = factory.save(ds, tmp_path / "both.dcm")
+    expected = np.round(np.sqrt(_MONO12 / 4095) * 65535).astype(int) // 257  # the LUT, to within its rounding
+    image = read_dicom(path)
+    np.testing.assert_array_equal(image.pixels, factory.pydicom_reference(path))
+    assert np.abs(image.pixels.astype(int) - expected).max() <= 1
+
+
+def test_signed_rescaled_window_matches_pydicom(tmp_path):
+    stored = (_MONO12.astype(np.int16) - 2048).astype(np.int16)
+    ds = factory.dataset(stored.view(np.uint16), BitsStored=12, RescaleSlope=2, RescaleIntercept=-1000,
+                         WindowCenter=-600, WindowWidth=3000)
+    ds.PixelRepresentation = 1
+    path = factory.save(ds, tmp_path / "signed.dcm")
+    np.testing.assert_array_equal(read_dicom(path).pixels, factory.pydicom_reference(path))
+
+
+def test_invalid_window_names_the_file(tmp_path):
+    path = factory.save(_windowed("SIGMOID", ), tmp_path / "bad-window.dcm")
+    ds = pydicom.dcmread(path)
+    ds.WindowWidth = 0
+    ds.save_as(path)
+    with pytest.raises(DicomError, match="Window Width") as info:
+        read_dicom(path)
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        _built(lambda: _two_frame_jpeg()),
+        _sample("SC_rgb_rle_2frame.dcm"),
+        _sample("examples_ybr_color.dcm"),
+    ],
+    ids=["jpeg-mono-2-frames", "rle-rgb-2-frames", "jpeg-ybr-30-frames"],
+)
+def test_multi_frame_gives_the_first_frame_with_a_warning(tmp_path, build):
+    path = build(tmp_path)
+    with pytest.warns(UserWarning, match=re.escape(str(path)) + ".*first"):
+        image = read_dicom(path)
+    reference = factory.pydicom_reference(path)
+    assert np.abs(image.pixels.astype(int) - reference.astype(int)).max() <= 1
+
+
+def _two_frame_jpeg():
+    first, second = factory.jpeg_dataset(_MONO8), factory.jpeg_dataset(255 - _MONO8)
+    frames = [next(generate_frames(ds.PixelData, number_of_frames=1)) for ds in (first, second)]
+    first.PixelData = encapsulate(frames)
+    first.NumberOfFrames = 2
+    return first

@@ -1,8 +1,12 @@
-"""Robust decoding of the challenge's DICOM files into uint8 greyscale arrays.
+"""Robust decoding of DICOM radiographs into uint8 greyscale arrays.
 
-The challenge's files are 8-bit MONOCHROME2 JPEG Baseline; those are decoded straight from the encapsulated
-JPEG bytes with Pillow, the fastest decoder available. Everything else goes through pydicom's own pixel
-handlers and is brought to uint8 through the modality LUT and the VOI window (or LUT) the file carries.
+The challenge's files are 8-bit MONOCHROME2 JPEG Baseline; single-sample 8-bit JPEG is decoded straight from the
+encapsulated bytes with Pillow, the fastest decoder for it. Everything else (colour JPEG, 12-bit JPEG Extended,
+JPEG Lossless, JPEG-LS, JPEG 2000, RLE, uncompressed) goes through pydicom and its pylibjpeg plugins. Colour
+becomes luma (0.299 R + 0.587 G + 0.114 B of pydicom's RGB); a multi-frame file gives its first frame, with a
+warning. Monochrome values become uint8 through pydicom's modality LUT, then its VOI LUT (preferred when the
+file also has a window) or window (following VOILUTFunction), scaled from the VOI output range to 0..255;
+without a VOI, wider than 8-bit values are scaled from their own range. MONOCHROME1 is inverted last.
 Every failure becomes one `DicomError` naming the file and the reason.
 """
 
@@ -11,18 +15,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, get_decoder
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 
-JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
-_PILLOW_SYNTAXES = (JPEG_BASELINE, JPEG_EXTENDED)
+_PILLOW_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114])
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010) little and big endian
 
@@ -86,10 +90,10 @@ def _open(path, header_only: bool = False) -> pydicom.Dataset:
 
 def _decode_jpeg(path, ds) -> np.ndarray:
     try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_frame_count(path, ds)))
         with Image.open(io.BytesIO(frame)) as image:
             image.load()
-            if image.mode not in ("L", "I;16"):
+            if image.mode != "L":
                 image = image.convert("L")
             return np.asarray(image)
     except Exception as exc:
@@ -101,8 +105,10 @@ def _syntax_name(syntax) -> str:
 
 
 def _decode_with_pydicom(path, ds) -> np.ndarray:
+    """The first frame as pydicom decodes it: (H, W), or (H, W, 3) RGB (YBR converted) for colour."""
     name = _syntax_name(ds.file_meta.get("TransferSyntaxUID"))
     try:
+        ds.pixel_array_options(index=0)
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         if "missing dependencies" in str(exc) or isinstance(exc, NotImplementedError):
@@ -112,42 +118,70 @@ def _decode_with_pydicom(path, ds) -> np.ndarray:
         raise DicomError(path, f"cannot decode {name} pixel data ({type(exc).__name__}: {exc})") from None
 
 
-def _first_frame(ds, pixels: np.ndarray) -> np.ndarray:
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]
-    if samples == 3:
-        grey = pixels.astype(np.float64) @ _RGB_TO_GREY
-        pixels = np.clip(np.round(grey), 0, 255).astype(np.uint8) if pixels.dtype == np.uint8 else grey
-    return pixels
+def _frame_count(path, ds) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise DicomError(path, f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
 
 
-def _voi_lut(item, values: np.ndarray) -> np.ndarray:
-    """Looks values up in a VOI LUT, scaled to [0, 1]. (pydicom's apply_voi overflows 8-bit LUT indices.)"""
-    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
-    data = item.LUTData
-    table = np.frombuffer(data, "<u2") if isinstance(data, bytes) else np.asarray(data, np.float64)
-    entries = entries or 2**16
-    index = np.clip(np.round(values - first_mapped), 0, entries - 1).astype(np.int64)
-    return table[index].astype(np.float64) / (2**bits - 1)
-
-
-def _to_uint8(ds, pixels: np.ndarray) -> np.ndarray:
-    """Maps stored values to uint8 through the modality LUT and the VOI window or LUT, else the value range."""
-    needs_lut = pixels.dtype != np.uint8 or "RescaleSlope" in ds or "ModalityLUTSequence" in ds
-    if not (needs_lut or "WindowCenter" in ds or "VOILUTSequence" in ds):
+def _to_grey(ds, pixels: np.ndarray) -> np.ndarray:
+    """Colour (RGB, or a palette's RGB) to luma; monochrome unchanged. uint8 stays uint8, wider goes to float."""
+    if _text(ds, "PhotometricInterpretation") == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 2:
         return pixels
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    grey = pixels.astype(np.float64) @ _RGB_TO_GREY
+    return np.clip(np.round(grey), 0, 255).astype(np.uint8) if pixels.dtype == np.uint8 else grey
+
+
+def _lut_for_pydicom(ds) -> pydicom.Dataset:
+    """The file's first VOI LUT, widened to 16 bits when it is 8-bit: pydicom's apply_voi indexes an 8-bit LUT
+    through uint8 indices, which wrap past entry 255 (the entries themselves are unchanged)."""
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    if bits != 8:
+        return ds
+    wide = pydicom.Dataset()
+    wide.add_new("LUTDescriptor", item["LUTDescriptor"].VR, [entries, first, 16])
+    wide["LUTData"] = item["LUTData"]
+    view = pydicom.Dataset()
+    view.file_meta = ds.file_meta
+    view.VOILUTSequence = [wide]
+    return view
+
+
+def _has_voi_lut(ds) -> bool:
+    sequence = ds.get("VOILUTSequence")
+    return bool(sequence) and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]
+
+
+def _apply_voi(ds, values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Values through pydicom's VOI LUT (preferred, as when both are present) or window (following the file's
+    VOILUTFunction), with the output range; without either, the values and their own range."""
+    if _has_voi_lut(ds):
+        entries, first, bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+        indices = np.clip(np.rint(values), first, first + (entries or 2**16) - 1).astype(np.int64)
+        return apply_voi(indices, _lut_for_pydicom(ds)), 0.0, 2.0**bits - 1
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        center = float(np.ravel(ds.WindowCenter)[0])
-        width = max(float(np.ravel(ds.WindowWidth)[0]), 1.0)
-        unit = (values - (center - width / 2)) / width
-    elif "VOILUTSequence" in ds:
-        unit = _voi_lut(ds.VOILUTSequence[0], values)
-    else:
-        low, high = values.min(), values.max()
-        unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)  # the ends of the output range
+        return apply_windowing(values, ds), float(low), float(high)
+    return values, float(values.min()), float(values.max())
+
+
+def _to_uint8(path, ds, pixels: np.ndarray) -> np.ndarray:
+    """Maps monochrome stored values to uint8 through the modality LUT and the VOI LUT or window, else the value
+    range; 8-bit values with neither pass unchanged. Grey from colour is already uint8 or maps by its range."""
+    monochrome = _text(ds, "PhotometricInterpretation") in _MONOCHROME
+    has_voi = _has_voi_lut(ds) or "WindowCenter" in ds
+    if pixels.dtype == np.uint8 and not (monochrome and (has_voi or "RescaleSlope" in ds or "ModalityLUTSequence" in ds)):
+        return pixels
+    try:
+        values = apply_modality_lut(pixels, ds) if monochrome else pixels
+        values, low, high = _apply_voi(ds, values) if monochrome else (values, float(values.min()), float(values.max()))
+    except (ValueError, NotImplementedError, IndexError, KeyError) as exc:
+        raise DicomError(path, f"cannot apply the modality or VOI transform ({type(exc).__name__}: {exc})") from None
+    unit = (values.astype(np.float64) - low) / (high - low) if high > low else np.zeros(values.shape)
     return np.round(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8)
 
 
@@ -162,8 +196,11 @@ def _image_size(path, ds) -> tuple[int, int]:
 
 
 def _uses_pillow(ds) -> bool:
+    """Pillow is the fastest decoder of 8-bit JPEG, but only greyscale takes this path: Pillow would read a
+    colour JPEG's components as YCbCr whatever the file's PhotometricInterpretation says."""
     syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
-    return syntax in _PILLOW_SYNTAXES and int(ds.get("BitsAllocated", 8)) == 8
+    return (syntax in _PILLOW_SYNTAXES and int(ds.get("BitsAllocated", 8)) == 8
+            and int(ds.get("SamplesPerPixel", 1)) == 1 and _text(ds, "PhotometricInterpretation") in _MONOCHROME)
 
 
 def read_header(path) -> pydicom.Dataset:
@@ -190,13 +227,13 @@ def read_dicom(path) -> DicomImage:
     """Reads one DICOM file into a `DicomImage`; raises `DicomError` naming the file for anything unreadable."""
     ds = _open(path)
     rows, cols = _image_size(path, ds)
-    if _uses_pillow(ds):
-        pixels = _decode_jpeg(path, ds)
-    else:
-        pixels = _first_frame(ds, _decode_with_pydicom(path, ds))
+    frames = _frame_count(path, ds)
+    if frames > 1:
+        warnings.warn(f"{os.fspath(path)}: multi-frame image ({frames} frames); using the first", stacklevel=2)
+    pixels = _decode_jpeg(path, ds) if _uses_pillow(ds) else _to_grey(ds, _decode_with_pydicom(path, ds))
     if pixels.shape != (rows, cols):
         raise DicomError(path, f"decoded shape {pixels.shape} does not match Rows x Columns {rows}x{cols}")
-    pixels = _to_uint8(ds, pixels)
+    pixels = _to_uint8(path, ds, pixels)
     if _text(ds, "PhotometricInterpretation") == "MONOCHROME1":
         pixels = 255 - pixels
     image_id = _text(ds, "SOPInstanceUID") or os.path.splitext(os.path.basename(path))[0]
