@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from siim_jax.data.dicom import DicomImage
 
@@ -138,6 +139,45 @@ def _check_monochrome1_voi_lut(image: DicomImage) -> None:
     assert np.abs(image.pixels.astype(int) - expected).max() <= 1
 
 
+def _twelve_bit_monochrome1_voi_lut() -> pydicom.Dataset:
+    """A 16-bit VOI LUT over 12-bit stored values, beside a window that the LUT overrides."""
+    ds = factory.dataset(ramp(dtype=np.uint16, top=4095), photometric="MONOCHROME1", BitsStored=12,
+                         WindowCenter=500, WindowWidth=200)
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    item.add_new("LUTData", "US", [int(v) for v in np.sqrt(np.arange(4096) / 4095) * 65535])
+    ds.VOILUTSequence = [item]
+    return ds
+
+
+def _signed_rescaled() -> pydicom.Dataset:
+    ds = factory.dataset((ramp(dtype=np.int16, top=4000) - 2000).view(np.uint16), BitsStored=16,
+                         RescaleSlope=3, RescaleIntercept=-1024)
+    ds.PixelRepresentation = 1
+    return ds
+
+
+def _shorter_than_rows_columns(make: Callable[[np.ndarray], pydicom.Dataset]) -> Callable[[], pydicom.Dataset]:
+    """A compressed frame of 32 rows in a dataset that claims 64."""
+
+    def build() -> pydicom.Dataset:
+        ds = make(ramp(32, 48))
+        ds.Rows = 64
+        return ds
+
+    return build
+
+
+def _garbled_jpeg_ls() -> pydicom.Dataset:
+    ds = factory.compressed_dataset(ramp(), JPEGLSLossless)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(64)])
+    return ds
+
+
+def _matches_pydicom(image: DicomImage) -> None:
+    np.testing.assert_array_equal(image.pixels, factory.pydicom_reference(image.path))
+
+
 def _multi_frame() -> pydicom.Dataset:
     frames = np.stack([ramp(), 255 - ramp()])
     ds = factory.dataset(frames[0], NumberOfFrames=2)
@@ -192,14 +232,23 @@ DICOM_CASES = [
     DicomCase("no-pixel-data", _saved(_without_pixels, "nopixels.dcm"), header_error=NO_PIXELS),
     DicomCase("zero-rows", _saved(_zero_rows, "zero.dcm"), header_error=r"zero-size image \(0x48\)"),
     DicomCase("rows-beyond-the-data", _saved(_rows_beyond_the_data, "rows.dcm"), decode_error="less than expected"),
-    DicomCase("jpeg-ls-unsupported", _saved(lambda: factory.unsupported_syntax_dataset(ramp()), "jls.dcm"),
-              header_error="unsupported transfer syntax JPEG-LS"),
+    DicomCase("jpeg-shorter-than-rows-columns", _saved(_shorter_than_rows_columns(factory.jpeg_dataset), "short.dcm"),
+              decode_error=r"decoded shape \(32, 48\) does not match Rows x Columns 64x48"),
+    DicomCase("jpeg-2000-shorter-than-rows-columns",
+              _saved(_shorter_than_rows_columns(lambda pixels: factory.compressed_dataset(pixels, JPEG2000Lossless)),
+                     "short-j2k.dcm"), decode_error="fewer values than Rows x Columns"),
+    DicomCase("garbled-jpeg-ls", _saved(_garbled_jpeg_ls, "jls.dcm"), decode_error="cannot decode JPEG-LS"),
+    DicomCase("jpeg-2000-part-2-unsupported", _saved(lambda: factory.unsupported_syntax_dataset(ramp()), "mc.dcm"),
+              header_error="unsupported transfer syntax JPEG 2000 Part 2"),
     DicomCase("private-transfer-syntax", _private_syntax,
               header_error="unsupported transfer syntax 1.2.826.0.1.3680043.9999.1"),
     DicomCase("a-directory", _directory, header_error="is a directory"),
     DicomCase("missing-file", lambda folder: folder / "missing.dcm", header_error="file not found"),
     DicomCase("16-bit-monochrome1-voi-lut", _saved(_monochrome1_voi_lut, "lut.dcm"), check=_check_monochrome1_voi_lut),
     DicomCase("16-bit-signed-value-range", _saved(_signed, "signed.dcm"), check=_spans_full_range),
+    DicomCase("16-bit-signed-rescaled", _saved(_signed_rescaled, "rescaled.dcm"), check=_matches_pydicom),
+    DicomCase("12-bit-monochrome1-voi-lut-and-window", _saved(_twelve_bit_monochrome1_voi_lut, "lut12.dcm"),
+              check=_matches_pydicom),
     DicomCase("rgb", _saved(_rgb, "rgb.dcm"), check=_equals(np.round(ramp() * (0.299 + 0.587 / 2) + 30 * 0.114), 1)),
     DicomCase("multi-frame-first-frame", _saved(_multi_frame, "frames.dcm"), check=_equals(ramp())),
     DicomCase("deflated", _saved(_deflated, "deflated.dcm"), check=_equals(ramp())),

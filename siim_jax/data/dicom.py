@@ -115,7 +115,8 @@ def _decode_with_pydicom(path, ds) -> np.ndarray:
             raise DicomError(path, f"unsupported transfer syntax {name}: {exc}") from None
         raise DicomError(path, f"cannot decode {name} pixel data ({exc})") from None
     except Exception as exc:
-        raise DicomError(path, f"cannot decode {name} pixel data ({type(exc).__name__}: {exc})") from None
+        short = " (the frame holds fewer values than Rows x Columns x SamplesPerPixel)" if "broadcast" in str(exc) else ""
+        raise DicomError(path, f"cannot decode {name} pixel data ({type(exc).__name__}: {exc}){short}") from None
 
 
 def _frame_count(path, ds) -> int:
