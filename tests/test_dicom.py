@@ -7,7 +7,13 @@ import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from siim_jax.data.dicom import DicomError, read_dicom
 
@@ -197,7 +203,8 @@ SYNTAX_CASES = [
     ("jpeg-ls-lossless-mono8", _built(lambda: factory.compressed_dataset(_MONO8, JPEGLSLossless)), 0),
     ("jpeg-ls-lossless-mono12", _built(lambda: factory.compressed_dataset(_MONO12, JPEGLSLossless, 12)), 0),
     ("jpeg-ls-lossless-rgb", _built(lambda: factory.compressed_dataset(_RGB, JPEGLSLossless)), 0),
-    ("jpeg-ls-near-lossless-mono", _built(lambda: factory.compressed_dataset(_MONO8, JPEGLSNearLossless, jls_error=2)), 1),
+    ("jpeg-ls-near-lossless-mono",
+     _built(lambda: factory.compressed_dataset(_MONO8, JPEGLSNearLossless, jls_error=2)), 1),
     ("jpeg-ls-near-lossless-rgb", _sample("SC_rgb_jls_lossy_line.dcm"), 1),
     ("jpeg-2000-lossless-mono8", _built(lambda: factory.compressed_dataset(_MONO8, JPEG2000Lossless)), 0),
     ("jpeg-2000-lossless-mono12", _built(lambda: factory.compressed_dataset(_MONO12, JPEG2000Lossless, 12)), 0),
@@ -212,7 +219,8 @@ SYNTAX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("build, tolerance", [case[1:] for case in SYNTAX_CASES], ids=[case[0] for case in SYNTAX_CASES])
+@pytest.mark.parametrize("build, tolerance", [case[1:] for case in SYNTAX_CASES],
+                         ids=[case[0] for case in SYNTAX_CASES])
 def test_every_transfer_syntax_matches_pydicom(tmp_path, build, tolerance):
     path = build(tmp_path)
     image = read_dicom(path)
@@ -276,7 +284,7 @@ def test_signed_rescaled_window_matches_pydicom(tmp_path):
 
 
 def test_invalid_window_names_the_file(tmp_path):
-    path = factory.save(_windowed("SIGMOID", ), tmp_path / "bad-window.dcm")
+    path = factory.save(_windowed("SIGMOID"), tmp_path / "bad-window.dcm")
     ds = pydicom.dcmread(path)
     ds.WindowWidth = 0
     ds.save_as(path)

@@ -2,11 +2,12 @@
 
 The challenge's files are 8-bit MONOCHROME2 JPEG Baseline; single-sample 8-bit JPEG is decoded straight from the
 encapsulated bytes with Pillow, the fastest decoder for it. Everything else (colour JPEG, 12-bit JPEG Extended,
-JPEG Lossless, JPEG-LS, JPEG 2000, RLE, uncompressed) goes through pydicom and its pylibjpeg plugins. Colour
-becomes luma (0.299 R + 0.587 G + 0.114 B of pydicom's RGB); a multi-frame file gives its first frame, with a
-warning. Monochrome values become uint8 through pydicom's modality LUT, then its VOI LUT (preferred when the
-file also has a window) or window (following VOILUTFunction), scaled from the VOI output range to 0..255;
-without a VOI, wider than 8-bit values are scaled from their own range. MONOCHROME1 is inverted last.
+JPEG Lossless, JPEG-LS, JPEG 2000, RLE, uncompressed) goes through pydicom and its pylibjpeg plugins (pyjpegls
+for JPEG-LS). Colour becomes luma (0.299 R + 0.587 G + 0.114 B of pydicom's RGB); a multi-frame file gives its
+first frame, with a warning. Monochrome values become uint8 through pydicom's modality LUT, then its VOI LUT
+(preferred when the file also has a window) or window (following VOILUTFunction), scaled from the VOI output
+range to 0..255; without a VOI, wider than 8-bit values are scaled from their own range. MONOCHROME1 is inverted
+last.
 Every failure becomes one `DicomError` naming the file and the reason.
 """
 
@@ -22,11 +23,26 @@ import pydicom
 from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    get_decoder,
+)
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 _PILLOW_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Where pydicom's first choice is not the fastest (tools/bench_formats.py): pyjpegls decodes JPEG-LS to the same
+# values as pylibjpeg-libjpeg in under a third of the time.
+_FASTER_PLUGINS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 _RGB_TO_GREY = np.array([0.299, 0.587, 0.114])
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010) little and big endian
 
@@ -104,19 +120,27 @@ def _syntax_name(syntax) -> str:
     return f"{getattr(syntax, 'name', syntax)} ({syntax})"
 
 
+def _plugin(syntax) -> str:
+    """pydicom's decoding plugin for `syntax`: ours where it is installed, else (``""``) pydicom's own choice."""
+    plugin = _FASTER_PLUGINS.get(syntax, "")
+    return plugin if plugin and plugin in get_decoder(syntax).available_plugins else ""
+
+
 def _decode_with_pydicom(path, ds) -> np.ndarray:
     """The first frame as pydicom decodes it: (H, W), or (H, W, 3) RGB (YBR converted) for colour."""
-    name = _syntax_name(ds.file_meta.get("TransferSyntaxUID"))
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    name = _syntax_name(syntax)
     try:
-        ds.pixel_array_options(index=0)
+        ds.pixel_array_options(index=0, decoding_plugin=_plugin(syntax))
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         if "missing dependencies" in str(exc) or isinstance(exc, NotImplementedError):
             raise DicomError(path, f"unsupported transfer syntax {name}: {exc}") from None
         raise DicomError(path, f"cannot decode {name} pixel data ({exc})") from None
     except Exception as exc:
-        short = " (the frame holds fewer values than Rows x Columns x SamplesPerPixel)" if "broadcast" in str(exc) else ""
-        raise DicomError(path, f"cannot decode {name} pixel data ({type(exc).__name__}: {exc}){short}") from None
+        short = "broadcast" in str(exc)  # what a frame with fewer values than Rows x Columns x Samples raises
+        hint = " (the frame holds fewer values than Rows x Columns x SamplesPerPixel)" if short else ""
+        raise DicomError(path, f"cannot decode {name} pixel data ({type(exc).__name__}: {exc}){hint}") from None
 
 
 def _frame_count(path, ds) -> int:
@@ -158,8 +182,8 @@ def _has_voi_lut(ds) -> bool:
 
 
 def _apply_voi(ds, values: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Values through pydicom's VOI LUT (preferred, as when both are present) or window (following the file's
-    VOILUTFunction), with the output range; without either, the values and their own range."""
+    """Values through pydicom's VOI LUT (preferred when both are present, as in apply_voi_lut) or window
+    (following the file's VOILUTFunction), with the output range; without either, the values and their range."""
     if _has_voi_lut(ds):
         entries, first, bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
         indices = np.clip(np.rint(values), first, first + (entries or 2**16) - 1).astype(np.int64)
@@ -170,20 +194,23 @@ def _apply_voi(ds, values: np.ndarray) -> tuple[np.ndarray, float, float]:
     return values, float(values.min()), float(values.max())
 
 
-def _to_uint8(path, ds, pixels: np.ndarray) -> np.ndarray:
-    """Maps monochrome stored values to uint8 through the modality LUT and the VOI LUT or window, else the value
-    range; 8-bit values with neither pass unchanged. Grey from colour is already uint8 or maps by its range."""
-    monochrome = _text(ds, "PhotometricInterpretation") in _MONOCHROME
-    has_voi = _has_voi_lut(ds) or "WindowCenter" in ds
-    if pixels.dtype == np.uint8 and not (monochrome and (has_voi or "RescaleSlope" in ds or "ModalityLUTSequence" in ds)):
-        return pixels
-    try:
-        values = apply_modality_lut(pixels, ds) if monochrome else pixels
-        values, low, high = _apply_voi(ds, values) if monochrome else (values, float(values.min()), float(values.max()))
-    except (ValueError, NotImplementedError, IndexError, KeyError) as exc:
-        raise DicomError(path, f"cannot apply the modality or VOI transform ({type(exc).__name__}: {exc})") from None
+def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
     unit = (values.astype(np.float64) - low) / (high - low) if high > low else np.zeros(values.shape)
     return np.round(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _to_uint8(path, ds, pixels: np.ndarray) -> np.ndarray:
+    """Maps monochrome stored values to uint8 through the modality LUT and the VOI LUT or window, else the value
+    range; 8-bit values with neither pass unchanged, as does grey from 8-bit colour (wider colour maps by range)."""
+    if _text(ds, "PhotometricInterpretation") not in _MONOCHROME:
+        return pixels if pixels.dtype == np.uint8 else _scaled(pixels, pixels.min(), pixels.max())
+    transformed = any(key in ds for key in ("RescaleSlope", "ModalityLUTSequence", "WindowCenter")) or _has_voi_lut(ds)
+    if pixels.dtype == np.uint8 and not transformed:
+        return pixels
+    try:
+        return _scaled(*_apply_voi(ds, apply_modality_lut(pixels, ds)))
+    except (ValueError, NotImplementedError, IndexError, KeyError) as exc:
+        raise DicomError(path, f"cannot apply the modality or VOI transform ({type(exc).__name__}: {exc})") from None
 
 
 def _image_size(path, ds) -> tuple[int, int]:
