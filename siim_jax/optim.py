@@ -1,8 +1,12 @@
 """Optimizers and learning-rate schedules from `config.optim`.
 
-The optimizer built here is the update direction only (clipping, coupled weight decay, Adam or RAdam); the train
-step multiplies it by `-learning_rate(step) * lr_scale`, where `lr_scale` is the reduce-on-plateau factor carried in
-the train state. Keeping the rate outside optax puts the schedule, the plateau factor and the logged value in one place.
+The optimizer built here takes its learning rate as an injected hyperparameter (`optax.inject_hyperparams`): the
+train step sets it to `schedule(step) * plateau.scale` before each update, where `plateau` is the reduce-on-plateau
+state carried in the train state and stepped after each evaluation.
+
+The plateau rule is ours, not `optax.contrib.reduce_on_plateau`: that one refuses rtol = atol = 0, so it cannot
+count every strict improvement as one (PyTorch's `ReduceLROnPlateau(threshold=0)`, which the reference training
+uses), and it reduces after `patience` bad evaluations where PyTorch waits for `patience + 1`.
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ def default_optim_config() -> ml_collections.ConfigDict:
     )
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient → update direction: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments.
+def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """Gradient → update: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments → × -lr.
 
     Clipping comes first and the decay is added after it, as `clip_grad_norm_` then `Adam(weight_decay=...)`
-    do in PyTorch.
+    do in PyTorch. The learning rate is `opt_state.hyperparams['learning_rate']`, set by the train step.
     """
     if optim_config.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {optim_config.name!r}")
@@ -55,7 +59,17 @@ def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTra
     if optim_config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(optim_config.weight_decay))
     parts.append(moments(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps))
-    return optax.chain(*parts)
+
+    @optax.inject_hyperparams
+    def optimizer(learning_rate):
+        return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+    return optimizer(learning_rate=optim_config.lr)
+
+
+def with_learning_rate(opt_state: optax.OptState, learning_rate) -> optax.OptState:
+    """The state of a `make_optimizer` optimizer with the learning rate of its next update set."""
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})
 
 
 def make_schedule(optim_config: ml_collections.ConfigDict, total_steps: int) -> Callable:

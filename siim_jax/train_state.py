@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siim_jax import metrics as metrics_lib
 from siim_jax import sharding as sharding_lib
-from siim_jax.optim import PlateauState
+from siim_jax.optim import PlateauState, with_learning_rate
 
 TRAIN_INPUTS = ("image", "mask", "positive")  # the batch entries a train step reads
 EVAL_INPUTS = ("image", "mask", "valid")
@@ -124,6 +124,8 @@ def make_train_step(
     after another by `lax.scan` so that only one micro-batch's activations are alive; BatchNorm normalises each
     micro-batch with its own statistics and updates the running ones once per micro-batch, as PyTorch does
     across accumulated backward passes. Metrics (loss, its components, grad_norm, lr) are replicated scalars.
+    `optimizer` takes its learning rate as a hyperparameter (`optim.make_optimizer`); each step injects
+    `schedule(step) * plateau.scale`.
     """
 
     def loss_on(params, batch_stats, micro, key):
@@ -155,9 +157,9 @@ def make_train_step(
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grads, batch_stats, metrics = gradients(state.params, state.batch_stats, batch, key)
-        direction, opt_state = optimizer.update(grads, state.opt_state, state.params)
         lr = schedule(state.step) * state.plateau.scale
-        params = jax.tree.map(lambda p, u: p - lr * u, state.params, direction)
+        updates, opt_state = optimizer.update(grads, with_learning_rate(state.opt_state, lr), state.params)
+        params = optax.apply_updates(state.params, updates)
         ema_params = None if state.ema_params is None else ema_update(state.ema_params, params, ema_decay, state.step)
         metrics.update(grad_norm=optax.tree.norm(grads), lr=lr)
         new_state = state.replace(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -25,8 +26,8 @@ def run_optax(config, grads: list[np.ndarray], start: np.ndarray) -> np.ndarray:
     schedule = optim.make_schedule(config, len(grads))
     params, state = start, optimizer.init(start)
     for step, grad in enumerate(grads):
-        direction, state = optimizer.update(grad, state, params)
-        params = params - schedule(step) * direction
+        updates, state = optimizer.update(grad, optim.with_learning_rate(state, schedule(step)), params)
+        params = optax.apply_updates(params, updates)
     return np.asarray(params)
 
 
