@@ -1,113 +1,25 @@
-"""Metrics you can look at: JSON lines, TensorBoard event files (no TensorFlow needed) and a PNG of the curves.
+"""Metrics you can look at: JSON lines, TensorBoard events (through tensorboardX) and a PNG of the curves.
 
 `MetricWriter(workdir)` appends to `workdir/metrics.jsonl` (one object per write: {"step": ..., "tag": value,
-...}), writes scalar summaries to `workdir/tensorboard/events.out.tfevents.*`, and redraws `workdir/curves.png`
-from the whole JSON-lines history on `plot()`. Only process 0 writes; elsewhere it is a no-op.
+...}), writes the same scalars, and any images and text, to `workdir/tensorboard/events.out.tfevents.*`, and
+redraws `workdir/curves.png` from the whole JSON-lines history on `plot()`. Only process 0 writes; elsewhere it
+is a no-op.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import socket
-import struct
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import numpy as np
+import tensorboardX
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
-
-# ----------------------------------------------------------------------------------------- TFRecord framing
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli polynomial, reflected
-        table.append(crc)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: length, masked CRC32C of the length, data, masked CRC32C of the data."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-# ----------------------------------------------------------------------------------- tensorflow.Event protobuf
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits, value = value & 0x7F, value >> 7
-        out.append(bits | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire_type) + payload
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def event_bytes(wall_time: float, step: int, scalars: Mapping[str, float] | None = None, file_version: str = "") -> bytes:
-    """A serialized `Event` (wall_time = 1, step = 2, file_version = 3, summary = 5) of simple scalar values
-    (`Summary.value` = 1; `Value.tag` = 1, `Value.simple_value` = 2)."""
-    event = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version:
-        event += _length_delimited(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
-            for tag, value in scalars.items()
-        )
-        event += _length_delimited(5, values)
-    return event
-
-
-class EventFileWriter:
-    """Appends scalar summaries to a TensorBoard event file."""
-
-    def __init__(self, directory: str | Path):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._file = open(self.path, "ab")
-        self._file.write(tfrecord(event_bytes(time.time(), 0, file_version="brain.Event:2")))
-        self._file.flush()
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        self._file.write(tfrecord(event_bytes(time.time(), step, values)))
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
 
 # ------------------------------------------------------------------------------------------------ the writer
 
@@ -175,12 +87,13 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
 
 
 class MetricWriter:
-    """Writes scalars as JSON lines and TensorBoard events, and the curves PNG (process 0 only)."""
+    """Writes scalars as JSON lines and TensorBoard events, images and text as events, and the curves PNG
+    (process 0 only). Each write is flushed, so that a killed run leaves its events readable."""
 
     def __init__(self, workdir: str | Path, enabled: bool | None = None):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._events = EventFileWriter(self.workdir / TENSORBOARD_DIR) if self.enabled else None
+        self._events = tensorboardX.SummaryWriter(str(self.workdir / TENSORBOARD_DIR)) if self.enabled else None
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -193,7 +106,20 @@ class MetricWriter:
                 file.write(json.dumps(record) + "\n")
         except OSError as error:  # a full disk reports no file name by itself
             raise OSError(error.errno, error.strerror, str(path)) from error
-        self._events.scalars(int(step), values)
+        for tag, value in values.items():
+            self._events.add_scalar(tag, value, int(step))
+        self._events.flush()
+
+    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
+        """An RGB uint8 (H, W, 3) picture."""
+        if self.enabled:
+            self._events.add_image(tag, rgb, int(step), dataformats="HWC")
+            self._events.flush()
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        if self.enabled:
+            self._events.add_text(tag, markdown, int(step))
+            self._events.flush()
 
     def plot(self) -> None:
         if self.enabled:

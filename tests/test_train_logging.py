@@ -1,61 +1,34 @@
-"""The metric writer: JSON lines, TensorBoard event files read back with protobuf itself, and the curves PNG."""
+"""The metric writer: JSON lines, TensorBoard events read back by tensorboard's own reader, and the curves PNG."""
 
 from __future__ import annotations
 
 import json
-import struct
 
+import cv2
+import numpy as np
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from tensorboard.backend.event_processing import event_accumulator
 
-from siim_jax.logging_utils import CURVES_FILE, METRICS_FILE, MetricWriter, crc32c
-
-
-def event_message_class():
-    """tensorflow.Event / Summary, declared here from their .proto field numbers (TensorFlow is not installed)."""
-    proto = descriptor_pb2.FileDescriptorProto(name="event_for_test.proto", package="tftest", syntax="proto3")
-    F = descriptor_pb2.FieldDescriptorProto
-    value = proto.message_type.add(name="Value")
-    value.field.add(name="tag", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    value.field.add(name="simple_value", number=2, type=F.TYPE_FLOAT, label=F.LABEL_OPTIONAL)
-    summary = proto.message_type.add(name="Summary")
-    summary.field.add(name="value", number=1, type=F.TYPE_MESSAGE, type_name=".tftest.Value", label=F.LABEL_REPEATED)
-    event = proto.message_type.add(name="Event")
-    event.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
-    event.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
-    event.field.add(name="file_version", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    event.field.add(name="summary", number=5, type=F.TYPE_MESSAGE, type_name=".tftest.Summary", label=F.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tftest.Event"))
+from siim_jax.logging_utils import (
+    CURVES_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    MetricWriter,
+)
 
 
-def masked(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_records(path) -> list[bytes]:
-    data, records, offset = path.read_bytes(), [], 0
-    while offset < len(data):
-        (length,) = struct.unpack_from("<Q", data, offset)
-        (length_crc,) = struct.unpack_from("<I", data, offset + 8)
-        assert length_crc == masked(crc32c(data[offset : offset + 8]))
-        payload = data[offset + 12 : offset + 12 + length]
-        (payload_crc,) = struct.unpack_from("<I", data, offset + 12 + length)
-        assert payload_crc == masked(crc32c(payload))
-        records.append(payload)
-        offset += 16 + length
-    return records
-
-
-def test_crc32c_check_value():
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C catalogue's check value
+def read_events(directory) -> event_accumulator.EventAccumulator:
+    """Everything tensorboard would show from `directory` (no sampling: every value kept)."""
+    keep_all = {kind: 0 for kind in (event_accumulator.SCALARS, event_accumulator.IMAGES, event_accumulator.TENSORS)}
+    return event_accumulator.EventAccumulator(str(directory), size_guidance=keep_all).Reload()
 
 
 def test_writer_outputs(tmp_path):
     writer = MetricWriter(tmp_path, enabled=True)
+    writer.text("config", "lr: 0.001")
     writer.write(10, {"train/loss": 0.5, "train/lr": 1e-3})
     writer.write(10, {"val/dice": 0.75, "val/auc": float("nan"), "epoch": 1})
+    writer.image("val/contours", np.full((6, 8, 3), [255, 0, 0], np.uint8), 10)
     writer.write(300, {"train/loss": 0.25, "train/lr": 5e-4})
     writer.plot()
     writer.close()
@@ -64,19 +37,27 @@ def test_writer_outputs(tmp_path):
     assert lines[1] == {"step": 10, "val/dice": 0.75, "val/auc": None, "epoch": 1.0}
     assert (tmp_path / CURVES_FILE).read_bytes().startswith(b"\x89PNG")
 
-    (event_file,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-    Event = event_message_class()
-    events = [Event.FromString(record) for record in read_records(event_file)]
-    assert events[0].file_version == "brain.Event:2"
-    scalars = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
-    assert scalars[:2] == [(10, "train/loss", 0.5), (10, "train/lr", pytest.approx(1e-3))]
-    assert (300, "train/loss", 0.25) in scalars
-    assert all(e.wall_time > 1.6e9 for e in events)
+    events = read_events(tmp_path / TENSORBOARD_DIR)
+    for line in lines:
+        for tag, value in line.items():
+            if tag != "step":  # metrics.jsonl writes a non-finite value as null
+                scalars = {event.step: event.value for event in events.Scalars(tag)}
+                assert scalars[line["step"]] == pytest.approx(np.nan if value is None else value, nan_ok=True)
+    assert [event.step for event in events.Scalars("train/loss")] == [10, 300]
+    assert all(event.wall_time > 1.6e9 for event in events.Scalars("train/loss"))
+    (image,) = events.Images("val/contours")
+    assert (image.step, image.width, image.height) == (10, 8, 6)
+    decoded = cv2.imdecode(np.frombuffer(image.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+    assert (decoded == [0, 0, 255]).all()  # OpenCV's BGR
+    (text,) = events.Tensors("config/text_summary")
+    assert text.tensor_proto.string_val == [b"lr: 0.001"]
 
 
 def test_a_disabled_writer_writes_nothing(tmp_path):
     writer = MetricWriter(tmp_path, enabled=False)
     writer.write(1, {"train/loss": 1.0})
+    writer.image("val/contours", np.zeros((2, 2, 3), np.uint8), 1)
+    writer.text("config", "x")
     writer.plot()
     writer.close()
     assert list(tmp_path.iterdir()) == []
