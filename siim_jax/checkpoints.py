@@ -3,7 +3,8 @@
 Layout of `workdir/checkpoints/<step>/`:
   state/      the TrainState (step, params, batch_stats, opt_state, ema_params, rng, plateau), orbax PyTree
   config/     the full training config as JSON
-  data_iter/  the training iterator's position, one `process_<i>-of-<n>.json` per process (grain's handler)
+  data_iter/  the position of the run's training iterator (every epoch in one), one `process_<i>-of-<n>.json`
+              per process (grain's handler)
   metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'dice_gated', 'dice_positive', 'auc', ...})
 
 Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice, class-gated
@@ -108,7 +109,7 @@ class TrainingCheckpoints:
         return self._restore_state(step, abstract_state, partial=False)
 
     def restore_data_iterator(self, step: int, data_iterator) -> None:
-        """Moves a fresh iterator of the right epoch to where the run saved at `step` had got to."""
+        """Moves a fresh training iterator of the run to where the run saved at `step` had got to."""
         self.manager.restore(step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iterator)))
 
     def restore_config(self, step: int) -> ml_collections.ConfigDict:

@@ -1,7 +1,8 @@
 """Training: `siim-jax train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`.
 
-One jitted step over a data-parallel mesh of every device; validation Dice after each epoch; checkpoints of the
-latest and the best steps in `DIR/checkpoints`; metrics in `DIR/metrics.jsonl`, `DIR/tensorboard/` and
+One flat loop of jitted steps over a data-parallel mesh of every device, fed by one grain iterator of the whole run;
+validation Dice at the end of each epoch; checkpoints of the latest and the best steps in `DIR/checkpoints`; metrics
+in `DIR/metrics.jsonl`, `DIR/tensorboard/` (with the config and a contact sheet of validation contours) and
 `DIR/curves.png`. A run resumes from its latest checkpoint unless `--no-resume`, and continues exactly: the same
 next batch, dropout keys and schedule step. SIGINT or SIGTERM saves the current step and exits; a non-finite
 loss stops the run naming the step, leaving the checkpoints as they were. Images left out of training (malformed
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import logging
 import signal
 import sys
@@ -26,10 +29,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from siim_jax import config_utils, optim
+from siim_jax import config_utils, optim, overlays
 from siim_jax import sharding as sharding_lib
 from siim_jax.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
 from siim_jax.data import pipeline
+from siim_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import LabelError
 from siim_jax.logging_utils import MetricWriter
@@ -39,6 +43,7 @@ from siim_jax.models import build_model, build_unfilled
 from siim_jax.train_state import EVAL_INPUTS, TRAIN_INPUTS, create_train_state, make_eval_step, make_train_step
 
 SKIPPED_FILE = "skipped.csv"  # images left out of training or validation, and why
+SHEET_IMAGES = 4  # validation images drawn in TensorBoard at each evaluation
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +71,13 @@ class EpochPlan:
         total = sum(steps) if config.train.max_steps <= 0 else min(sum(steps), config.train.max_steps)
         return cls(steps, total)
 
-    def start(self, epoch: int) -> int:
-        return sum(self.steps[:epoch])
-
-    def end(self, epoch: int) -> int:
-        return min(self.start(epoch + 1), self.total_steps)
-
-    def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, steps already taken in it) of the run after `step` steps."""
-        for epoch in range(len(self.steps)):
-            if step < self.start(epoch + 1):
-                return epoch, step - self.start(epoch)
-        return len(self.steps), 0
+    @functools.cached_property
+    def epoch_ends(self) -> dict[int, int]:
+        """{step: the epoch that ends after that many steps}; max_steps ends the epoch it falls in."""
+        ends = {}
+        for epoch, end in enumerate(itertools.accumulate(self.steps)):
+            ends.setdefault(min(end, self.total_steps), epoch)
+        return ends
 
 
 class PendingMetrics:
@@ -200,16 +200,46 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, frame, mesh, s
     return accumulator.summarize()
 
 
+def make_sheet_step(model_def, mesh, threshold: float):
+    """`sheet_step(params, batch_stats, batch) -> (grey images, predicted masks, true masks)`, replicated so
+    that process 0 can draw them."""
+
+    def step(params, batch_stats, batch):
+        (mask_logits, _), _ = model_def.apply(params, batch_stats, batch["image"], train=False)
+        grey = batch["image"][..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # undoes the normalisation
+        return grey, jax.nn.sigmoid(mask_logits[..., 0]) > threshold, batch["mask"][..., 0] > 0.5
+
+    replicated = sharding_lib.replicated(mesh)
+    return jax.jit(step, in_shardings=(replicated, replicated, sharding_lib.batch_sharding(mesh)), out_shardings=replicated)
+
+
+def validation_sheet(sheet_step, state, config: ml_collections.ConfigDict, frame, mesh) -> np.ndarray:
+    """A contact sheet of the first SHEET_IMAGES validation images, predicted contours red and true ones green."""
+    size = eval_batch_size(config.train)
+    (batch,) = pipeline.eval_batches(config.data, frame.head(size), size, sharding=sharding_lib.batch_sharding(mesh))
+    greys, predicted, true = jax.device_get(sheet_step(state.eval_params, state.batch_stats, batch))
+    count = min(SHEET_IMAGES, len(frame))
+    tiles = [
+        (overlays.render_overlay(np.clip(grey * 255, 0, 255).astype(np.uint8), pred, truth), image_id[-12:])
+        for grey, pred, truth, image_id in zip(greys[:count], predicted, true, frame["image_id"])
+    ]
+    return overlays.contact_sheet([("validation: predicted red, true green", tiles)])
+
+
 def _prefixed(prefix: str, values: dict) -> dict[str, float]:
     return {f"{prefix}/{name}": value for name, value in values.items()}
 
 
 def _log_train(step: int, pending: PendingMetrics, writer: MetricWriter, progress, result: dict, batch_size: int):
-    """Fetches the pending step metrics (checking the loss), writes their means and shows them on the bar."""
+    """Fetches the pending step metrics (checking the loss), writes their means and moves the bar on to `step`.
+
+    Steps run asynchronously: only the fetch tells that they have finished, so the bar moves here, at the
+    logging interval, and its rate counts completed steps."""
     means = pending.flush(batch_size)
     if means:
         writer.write(step, _prefixed("train", means))
-        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_s']:.1f}")
+        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_s']:.1f}", refresh=False)
+        progress.update(step - progress.n)
         result["train_loss"] = means["loss"]
 
 
@@ -251,75 +281,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         ema_decay=config.optim.ema_decay,
     )
     eval_step = make_eval_step(model_def, mesh, config.train.threshold)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    primary = jax.process_index() == 0
+    sheet_step = make_sheet_step(model_def, mesh, config.train.threshold)
+    train_iter = pipeline.train_iterator(
+        config.data, splits.train, range(len(plan.steps)), config.train.batch_size,
+        sharding=sharding_lib.batch_sharding(mesh), skipped_csv=skipped_csv,
+    )
     result = {"train_loss": float("nan"), "stopped_by": None}
     with (
         TrainingCheckpoints(workdir / CHECKPOINT_DIR, config.train.keep_best) as checkpoints,
         MetricWriter(workdir) as writer,
         StopSignals() as stop,
     ):
-        step = checkpoints.latest_step() if resume else None
-        if step is not None:
-            state = checkpoints.restore_state(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
-            log.info("resumed from step %d", step)
-            result.update(checkpoints.metrics(step) or {})
+        start = checkpoints.latest_step() if resume else None
+        if start is not None:
+            state = checkpoints.restore_state(start, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+            checkpoints.restore_data_iterator(start, train_iter)
+            log.info("resumed from step %d", start)
+            result.update(checkpoints.metrics(start) or {})
         else:
-            step = 0
+            start = 0
             if checkpoints.all_steps():
                 raise FileExistsError(f"{workdir / CHECKPOINT_DIR} already has checkpoints; resume or use a new workdir")
+            writer.text("config", f"```\n{config}\n```")
             if config.train.eval_at_start:
                 writer.write(0, _prefixed("val", evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)))
         pending = PendingMetrics()
-        epoch, offset = plan.locate(step)
-        while step < plan.total_steps:
-            iterator = pipeline.train_iterator(
-                config.data, splits.train, epoch, config.train.batch_size, sharding=batch_sharding,
-                skipped_csv=skipped_csv,
-            )
-            if offset:
-                checkpoints.restore_data_iterator(step, iterator)
-            end = plan.end(epoch)
-            progress = tqdm(total=end - plan.start(epoch), initial=offset, desc=f"epoch {epoch}", disable=not primary)
-            while step < end:
-                batch = next(iterator)
-                state, metrics = train_step(state, {k: batch[k] for k in TRAIN_INPUTS})
-                step += 1
-                pending.add(step, metrics)
-                progress.update()
-                log_now = step % config.train.log_every_steps == 0 or step == end
-                if log_now:
-                    _log_train(step, pending, writer, progress, result, config.train.batch_size)
-                if step == end:
-                    break  # the epoch's end evaluates and saves, also when a signal came in meanwhile
-                save_now = config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0
-                stopping = stop.requested(sync=log_now)
-                if stopping or save_now:
-                    _log_train(step, pending, writer, progress, result, config.train.batch_size)
-                    checkpoints.save(step, state, config, iterator)
-                if stopping:
-                    break
-            progress.close()
-            if step < end:  # stopped by a signal
+        step = start
+        progress = tqdm(total=plan.total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() > 0)
+        for step, batch in zip(range(start + 1, plan.total_steps + 1), train_iter):
+            state, metrics = train_step(state, {k: batch[k] for k in TRAIN_INPUTS})
+            pending.add(step, metrics)
+            epoch = plan.epoch_ends.get(step)
+            log_now = step % config.train.log_every_steps == 0 or epoch is not None
+            if log_now:
+                _log_train(step, pending, writer, progress, result, config.train.batch_size)
+            if epoch is not None:  # evaluates and saves, also when a signal came in meanwhile
+                val_metrics = None
+                if (epoch + 1) % config.train.eval_every_epochs == 0 or step == plan.total_steps:
+                    val_metrics = evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)
+                    plateau = optim.plateau_update(jax.device_get(state.plateau), val_metrics["dice"], config.optim)
+                    state = state.replace(plateau=sharding_lib.replicate(plateau, mesh))
+                    writer.write(step, {**_prefixed("val", val_metrics), "epoch": epoch + 1})
+                    writer.image("val/contours", validation_sheet(sheet_step, state, config, splits.val, mesh), step)
+                    result.update(val_metrics)
+                    if jax.process_index() == 0:
+                        log.info("epoch %d step %d: %s", epoch, step, val_metrics)
+                checkpoints.save(step, state, config, train_iter, metrics=val_metrics)
+                writer.plot()
+                pending.restart_clock()  # images/s counts training time only
+            stopping = stop.requested(sync=log_now)
+            if stopping or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
+                _log_train(step, pending, writer, progress, result, config.train.batch_size)  # checks the loss first
+                checkpoints.save(step, state, config, train_iter)  # no-op at an epoch's end, saved above
+            if stopping:
                 break
-            val_metrics = None
-            if (epoch + 1) % config.train.eval_every_epochs == 0 or step == plan.total_steps:
-                val_metrics = evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)
-                state = state.replace(
-                    plateau=sharding_lib.replicate(
-                        optim.plateau_update(jax.device_get(state.plateau), val_metrics["dice"], config.optim), mesh
-                    )
-                )
-                writer.write(step, {**_prefixed("val", val_metrics), "epoch": epoch + 1})
-                result.update(val_metrics)
-                if primary:
-                    log.info("epoch %d step %d: %s", epoch, step, val_metrics)
-            checkpoints.save(step, state, config, iterator, metrics=val_metrics)
-            writer.plot()
-            pending.restart_clock()  # images/s counts training time only
-            epoch, offset = epoch + 1, 0
-            if stop.requested(sync=True):
-                break
+        progress.close()
     result.update(step=step, stopped_by=None if stop.received is None else signal.Signals(stop.received).name)
     return result
 

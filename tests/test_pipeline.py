@@ -73,7 +73,7 @@ def assert_same_batches(first, second):
 
 def test_train_batches_follow_the_epoch_draw(synthetic_tree, splits):
     config = data_config(synthetic_tree)
-    batches = take(pipeline.train_iterator(config, splits.train, 2, 3, 0, 1))
+    batches = take(pipeline.train_iterator(config, splits.train, [2], 3, 0, 1))
     rows = pipeline.epoch_sample(splits.train["positive"].to_numpy(bool), 2, config.balance, config.seed)
     assert len(batches) == pipeline.steps_per_epoch(config, splits.train, 2, 3) == len(rows) // 3
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), rows[: len(batches) * 3])
@@ -82,21 +82,21 @@ def test_train_batches_follow_the_epoch_draw(synthetic_tree, splits):
     assert batch["mask"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 1) and set(np.unique(batch["mask"])) <= {0.0, 1.0}
     assert batch["valid"].all() and batch["positive"].dtype == np.float32
     np.testing.assert_array_equal(batch["positive"], splits.train["positive"].to_numpy()[batch["index"]])
-    assert_same_batches(batches, take(pipeline.train_iterator(config, splits.train, 2, 3, 0, 1)))
+    assert_same_batches(batches, take(pipeline.train_iterator(config, splits.train, [2], 3, 0, 1)))
 
 
 def test_processes_read_their_own_share_of_each_global_batch(synthetic_tree, splits):
     config = data_config(synthetic_tree)
-    whole = take(pipeline.train_iterator(config, splits.train, 0, 4, 0, 1))
-    shares = [take(pipeline.train_iterator(config, splits.train, 0, 4, index, 2)) for index in range(2)]
+    whole = take(pipeline.train_iterator(config, splits.train, [0], 4, 0, 1))
+    shares = [take(pipeline.train_iterator(config, splits.train, [0], 4, index, 2)) for index in range(2)]
     joined = [{key: np.concatenate([a[key], b[key]]) for key in a} for a, b in zip(*shares)]
     assert_same_batches(whole, joined)
 
 
 def test_workers_give_the_single_process_batches(synthetic_tree, splits):
-    single = take(pipeline.train_iterator(data_config(synthetic_tree), splits.train, 1, 2, 0, 1))
+    single = take(pipeline.train_iterator(data_config(synthetic_tree), splits.train, [1], 2, 0, 1))
     config = data_config(synthetic_tree, workers=2, prefetch=1)
-    assert_same_batches(single, take(pipeline.train_iterator(config, splits.train, 1, 2, 0, 1)))
+    assert_same_batches(single, take(pipeline.train_iterator(config, splits.train, [1], 2, 0, 1)))
 
 
 def data_mesh_sharding() -> jax.sharding.NamedSharding:
@@ -107,14 +107,29 @@ def data_mesh_sharding() -> jax.sharding.NamedSharding:
 def test_restored_iterator_state_continues_with_the_next_batches(synthetic_tree, splits, tmp_path, on_device):
     config = data_config(synthetic_tree, prefetch=2)
     sharding = data_mesh_sharding() if on_device else None
-    iterator = pipeline.train_iterator(config, splits.train, 0, 2, 0, 1, sharding=sharding)
+    iterator = pipeline.train_iterator(config, splits.train, [0], 2, 0, 1, sharding=sharding)
     next(iterator), next(iterator)
     grain.checkpoint.CheckpointHandler().save(tmp_path, item=iterator)
     expected = take(iterator)
-    restored = pipeline.train_iterator(config, splits.train, 0, 2, 0, 1, sharding=sharding)
+    restored = pipeline.train_iterator(config, splits.train, [0], 2, 0, 1, sharding=sharding)
     grain.checkpoint.CheckpointHandler().restore(tmp_path, item=restored)
     assert len(expected) >= 2
     assert_same_batches(expected, take(restored))
+
+
+def test_a_run_iterator_continues_across_epochs_and_restores_into_the_next_epoch(synthetic_tree, splits, tmp_path):
+    config = data_config(synthetic_tree)
+    epochs = [take(pipeline.train_iterator(config, splits.train, [epoch], 3, 0, 1)) for epoch in range(3)]
+    run = pipeline.train_iterator(config, splits.train, range(3), 3, 0, 1)
+    for _ in range(len(epochs[0]) + 1):  # one batch into epoch 1
+        next(run)
+    grain.checkpoint.CheckpointHandler().save(tmp_path, item=run)
+    restored = pipeline.train_iterator(config, splits.train, range(3), 3, 0, 1)
+    grain.checkpoint.CheckpointHandler().restore(tmp_path, item=restored)
+    assert_same_batches(epochs[1][1:] + epochs[2], take(restored))
+    assert_same_batches([batch for epoch in epochs for batch in epoch], take(pipeline.train_iterator(
+        config, splits.train, range(3), 3, 0, 1)))
+    run.close()
 
 
 def test_eval_batches_cover_every_row_once_and_mark_padding(synthetic_tree, splits):
@@ -149,7 +164,7 @@ def test_training_stands_in_the_next_decodable_image_of_the_same_class(synthetic
     same_class = [row for row in range(len(frame)) if positive[row] == positive[broken] and row != broken]
     stand_in = next((row for row in same_class if row > broken), same_class[0])
 
-    (batch,) = take(pipeline.train_iterator(config, frame, 0, len(frame), 0, 1))
+    (batch,) = take(pipeline.train_iterator(config, frame, [0], len(frame), 0, 1))
     assert batch["valid"].all()
     counts = np.bincount(batch["index"], minlength=len(frame))
     assert counts[broken] == 0 and counts[stand_in] == 2

@@ -21,6 +21,7 @@ from siim_jax import config_utils, models, train
 from siim_jax.checkpoints import TrainingCheckpoints, restore_for_inference
 from siim_jax.data import synthetic
 from siim_jax.logging_utils import read_history
+from tests.test_train_logging import read_events
 from tests.tiny_model import build_tiny_model
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4
@@ -95,7 +96,10 @@ def test_training_lowers_the_loss_and_raises_the_validation_dice(synthetic_root,
     assert val[-1]["val/dice_positive"] > val[0]["val/dice_positive"]
     assert result["dice"] == pytest.approx(val[-1]["val/dice"])
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = read_events(tmp_path / "tensorboard")
+    assert [event.value for event in events.Scalars("val/dice")] == pytest.approx([r["val/dice"] for r in val])
+    assert [image.step for image in events.Images("val/contours")] == [20, 40]
+    assert events.Tensors("config/text_summary")
 
 
 def test_resuming_after_sigterm_reaches_the_uninterrupted_weights(tiny_model, synthetic_root, tmp_path, monkeypatch):

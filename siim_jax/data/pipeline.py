@@ -26,10 +26,11 @@ API:
       labelled images left out (``labels.skipped_frame``: image_id, path, reason); ``write_skipped`` saves it.
   steps_per_epoch(config.data, frame, epoch, global_batch_size): full global batches in that epoch's draw
   epoch_sample(positive, epoch, config.data.balance, seed), positive_fraction_at(schedule, epoch): the draw
-  train_iterator(config.data, frame, epoch, global_batch_size, process_index=None, process_count=None,
-      sharding=None, skipped_csv=None) -> grain DatasetIterator over one epoch's per-process batches
-      (global_batch_size // process_count rows each; process defaults from jax). Batch b of the epoch is the same
-      global batch for any process or worker count.
+  train_iterator(config.data, frame, epochs, global_batch_size, process_index=None, process_count=None,
+      sharding=None, skipped_csv=None) -> one grain DatasetIterator over the per-process batches of every epoch
+      in `epochs` (e.g. range(config.train.epochs): a whole run), in turn (global_batch_size // process_count
+      rows each; process defaults from jax). Batch b of an epoch is the same global batch for any process or
+      worker count, and whichever epochs come before it.
   eval_batches(config.data, frame, global_batch_size, process_index=None, process_count=None, sharding=None,
       skipped_csv=None): every row exactly once, in order, ceil(len(frame) / global_batch_size) batches, padding
       rows invalid.
@@ -47,7 +48,7 @@ Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when `
 
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
 (orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
-``train_iterator`` for the same epoch with ``CheckpointRestore(it)`` / ``it.set_state(state)``: it continues
+``train_iterator`` of the same epochs with ``CheckpointRestore(it)`` / ``it.set_state(state)``: it continues
 with exactly the next batch.
 """
 
@@ -59,6 +60,7 @@ import io
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -297,7 +299,7 @@ def _source(config: ml_collections.ConfigDict, frame: pd.DataFrame, skipped_csv=
 
 @dataclasses.dataclass
 class _LoadElement(grain.transforms.Map):
-    """(frame row, position in the epoch) -> one element; row -1 is a padding row."""
+    """(frame row, position in the epoch[, epoch when augmenting]) -> one element; row -1 is a padding row."""
 
     source: DicomSource | PreparedSource
     positive: np.ndarray
@@ -305,7 +307,6 @@ class _LoadElement(grain.transforms.Map):
     labelled: bool
     augment: TrainAugment | None = None
     seed: int = 0
-    epoch: int = 0
     replace_failures: bool = False  # training: stand in the next decodable row of the same class
 
     def map(self, item: np.ndarray) -> dict[str, np.ndarray]:
@@ -319,7 +320,7 @@ class _LoadElement(grain.transforms.Map):
         else:
             image, mask = loaded
             if self.augment is not None:
-                rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, self.epoch, position])
+                rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, int(item[2]), position])
                 image, mask = self.augment(image, mask, rng)
         element = {"image": image, "valid": np.bool_(loaded is not None), "index": np.int32(row)}
         if self.labelled:
@@ -396,32 +397,37 @@ def _iterate(config: ml_collections.ConfigDict, dataset: grain.MapDataset, shard
 def train_iterator(
     config: ml_collections.ConfigDict,
     frame: pd.DataFrame,
-    epoch: int,
+    epochs: Sequence[int],
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
     sharding=None,
     skipped_csv=None,
 ) -> grain.DatasetIterator:
-    """One epoch of augmented, balanced training batches for this process (see the module docstring)."""
+    """The augmented, balanced training batches of `epochs`, one after another, for this process (see the
+    module docstring). Each epoch is its own draw and leaves out its own remainder, so batch b of an epoch is
+    the same whichever epochs come before it."""
     process_index, process_count = _this_process(process_index, process_count)
-    rows = epoch_sample(frame["positive"].to_numpy(bool), epoch, config.balance, config.seed)
-    steps = len(rows) // global_batch_size
-    if steps == 0:
-        raise ValueError(f"epoch {epoch} draws {len(rows)} images, fewer than one batch of {global_batch_size}")
-    plan = _process_plan(rows[: steps * global_batch_size], global_batch_size, process_index, process_count)
+    positive = frame["positive"].to_numpy(bool)
+    plans = []
+    for epoch in epochs:
+        rows = epoch_sample(positive, epoch, config.balance, config.seed)
+        steps = len(rows) // global_batch_size
+        if steps == 0:
+            raise ValueError(f"epoch {epoch} draws {len(rows)} images, fewer than one batch of {global_batch_size}")
+        plan = _process_plan(rows[: steps * global_batch_size], global_batch_size, process_index, process_count)
+        plans.append(np.column_stack([plan, np.full(len(plan), epoch)]))
     load = _LoadElement(
         source=_source(config, frame, skipped_csv),
-        positive=frame["positive"].to_numpy(bool),
+        positive=positive,
         image_size=config.image_size,
         labelled=True,
         augment=TrainAugment(config.augment, config.image_size),
         seed=config.seed,
-        epoch=epoch,
         replace_failures=True,
     )
-    dataset = grain.MapDataset.source(plan).map(load).batch(len(plan) // steps, batch_fn=_collate)
-    return _iterate(config, dataset, sharding)
+    dataset = grain.MapDataset.source(np.concatenate(plans)).map(load)
+    return _iterate(config, dataset.batch(global_batch_size // process_count, batch_fn=_collate), sharding)
 
 
 def _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled: bool,
