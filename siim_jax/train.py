@@ -215,13 +215,12 @@ def make_sheet_step(model_def, mesh, threshold: float):
 
 def validation_sheet(sheet_step, state, config: ml_collections.ConfigDict, frame, mesh) -> np.ndarray:
     """A contact sheet of the first SHEET_IMAGES validation images, predicted contours red and true ones green."""
-    size = eval_batch_size(config.train)
+    size = -(-SHEET_IMAGES // mesh.size) * mesh.size  # one batch that splits over the devices
     (batch,) = pipeline.eval_batches(config.data, frame.head(size), size, sharding=sharding_lib.batch_sharding(mesh))
     greys, predicted, true = jax.device_get(sheet_step(state.eval_params, state.batch_stats, batch))
-    count = min(SHEET_IMAGES, len(frame))
     tiles = [
         (overlays.render_overlay(np.clip(grey * 255, 0, 255).astype(np.uint8), pred, truth), image_id[-12:])
-        for grey, pred, truth, image_id in zip(greys[:count], predicted, true, frame["image_id"])
+        for grey, pred, truth, image_id in zip(greys[:SHEET_IMAGES], predicted, true, frame["image_id"])
     ]
     return overlays.contact_sheet([("validation: predicted red, true green", tiles)])
 

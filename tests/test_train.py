@@ -123,6 +123,24 @@ def test_resuming_after_sigterm_reaches_the_uninterrupted_weights(tiny_model, sy
     assert resumed["dice"] == pytest.approx(uninterrupted["dice"])
 
 
+def test_the_progress_bar_counts_steps_only_once_their_metrics_came_back(
+    tiny_model, synthetic_root, tmp_path, monkeypatch
+):
+    events = []  # "fetch" for each metrics fetch, the bar's new position for each move
+    fetch = train.PendingMetrics.flush
+    monkeypatch.setattr(train.PendingMetrics, "flush", lambda self, *args: events.append("fetch") or fetch(self, *args))
+
+    class Bar(train.tqdm):
+        def update(self, n=1):
+            events.append(self.n + n)
+            return super().update(n)
+
+    monkeypatch.setattr(train, "tqdm", Bar)
+    train.train_and_evaluate(small_config(synthetic_root, epochs=2, log_every_steps=3), tmp_path)
+    assert [event for event in events if event != "fetch"] == [3, 4, 6, 8]  # log steps and epoch ends
+    assert all(events[i - 1] == "fetch" for i, event in enumerate(events) if event != "fetch")
+
+
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     tiny_model, synthetic_root, tmp_path, monkeypatch
 ):
