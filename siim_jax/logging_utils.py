@@ -46,7 +46,10 @@ _PANEL_ORDER = ("training loss", "validation", "learning rate", "gradient norm",
 def _panel(tag: str) -> str | None:
     if tag in _PANELS:
         return _PANELS[tag]
-    return {"train": "training loss", "val": "validation"}.get(tag.split("/")[0], tag.split("/")[0]) if "/" in tag else None
+    if "/" not in tag:
+        return None
+    prefix = tag.split("/")[0]
+    return {"train": "training loss", "val": "validation"}.get(prefix, prefix)
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:
@@ -72,7 +75,10 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
     for axis in axes.flat[len(series) :]:
         axis.set_visible(False)
-    order = lambda panel: (_PANEL_ORDER.index(panel) if panel in _PANEL_ORDER else len(_PANEL_ORDER), panel)
+
+    def order(panel):
+        return _PANEL_ORDER.index(panel) if panel in _PANEL_ORDER else len(_PANEL_ORDER), panel
+
     for axis, panel in zip(axes.flat, sorted(series, key=order)):
         lines = series[panel]
         for tag, (steps, values) in sorted(lines.items()):

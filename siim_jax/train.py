@@ -174,7 +174,8 @@ def check_batch_sizes(train_config: ml_collections.ConfigDict, devices: int) -> 
     micro_batch = train_config.batch_size // max(train_config.grad_accum, 1)
     if train_config.grad_accum < 1 or micro_batch * train_config.grad_accum != train_config.batch_size:
         raise ValueError(
-            f"train.batch_size={train_config.batch_size} must be a multiple of train.grad_accum={train_config.grad_accum}"
+            f"train.batch_size={train_config.batch_size} must be a multiple of "
+            f"train.grad_accum={train_config.grad_accum}"
         )
     for name, size in (("batch_size / grad_accum", micro_batch), ("eval_batch_size", eval_batch_size(train_config))):
         if size % devices:
@@ -210,7 +211,8 @@ def make_sheet_step(model_def, mesh, threshold: float):
         return grey, jax.nn.sigmoid(mask_logits[..., 0]) > threshold, batch["mask"][..., 0] > 0.5
 
     replicated = sharding_lib.replicated(mesh)
-    return jax.jit(step, in_shardings=(replicated, replicated, sharding_lib.batch_sharding(mesh)), out_shardings=replicated)
+    in_shardings = (replicated, replicated, sharding_lib.batch_sharding(mesh))
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=replicated)
 
 
 def validation_sheet(sheet_step, state, config: ml_collections.ConfigDict, frame, mesh) -> np.ndarray:
@@ -300,13 +302,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         else:
             start = 0
             if checkpoints.all_steps():
-                raise FileExistsError(f"{workdir / CHECKPOINT_DIR} already has checkpoints; resume or use a new workdir")
+                raise FileExistsError(
+                    f"{workdir / CHECKPOINT_DIR} already has checkpoints; resume or use a new workdir"
+                )
             writer.text("config", f"```\n{config}\n```")
             if config.train.eval_at_start:
                 writer.write(0, _prefixed("val", evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)))
         pending = PendingMetrics()
         step = start
-        progress = tqdm(total=plan.total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() > 0)
+        progress = tqdm(total=plan.total_steps, initial=start, unit="step", disable=jax.process_index() > 0)
         for step, batch in zip(range(start + 1, plan.total_steps + 1), train_iter):
             state, metrics = train_step(state, {k: batch[k] for k in TRAIN_INPUTS})
             pending.add(step, metrics)

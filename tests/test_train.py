@@ -54,7 +54,9 @@ def small_config(root, image_size: int = 32, **train_overrides):
     config.data.augment.update(hflip_p=0.0, affine_p=0.0, noise_p=0.0)
     config.loss.weights = {"bce": 1.0, "dice": 1.0}
     config.optim.update(lr=3e-3, warmup_steps=2)
-    config.train.update({"epochs": EPOCHS, "batch_size": 4, "eval_batch_size": 8, "log_every_steps": 2, **train_overrides})
+    config.train.update(
+        {"epochs": EPOCHS, "batch_size": 4, "eval_batch_size": 8, "log_every_steps": 2, **train_overrides}
+    )
     return config
 
 
@@ -144,7 +146,10 @@ def test_the_progress_bar_counts_steps_only_once_their_metrics_came_back(
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     tiny_model, synthetic_root, tmp_path, monkeypatch
 ):
-    wrap_train_step(monkeypatch, lambda call, batch: {**batch, "image": batch["image"] * jnp.nan} if call == 3 else batch)
+    def poison_step_3(call, batch):
+        return {**batch, "image": batch["image"] * jnp.nan} if call == 3 else batch
+
+    wrap_train_step(monkeypatch, poison_step_3)
     config = small_config(synthetic_root, checkpoint_every_steps=1, log_every_steps=100, eval_at_start=False)
     with pytest.raises(train.NonFiniteLossError, match="at step 3"):
         train.train_and_evaluate(config, tmp_path)
