@@ -125,9 +125,9 @@ def main() -> None:
         rates, cpu_rates = best_rates(
             {
                 "seed_img_s": lambda: iter(seed_loader),
-                "dicom_img_s": lambda: pipeline.train_iterator(config, frame, 0, args.batch_size, 0, 1),
+                "dicom_img_s": lambda: pipeline.train_iterator(config, frame, [0], args.batch_size, 0, 1),
                 "prepared_img_s": lambda: pipeline.train_iterator(
-                    prepared_config, prepared_frame, 0, args.batch_size, 0, 1
+                    prepared_config, prepared_frame, [0], args.batch_size, 0, 1
                 ),
             },
             args.rounds,

@@ -194,7 +194,7 @@ def run_e2e(job: Job, settings: Settings, runner: StepRunner, mesh, pure_images_
     frame = pd.concat([frame] * math.ceil((warmup + settings.e2e_steps) * job.batch / len(frame)), ignore_index=True)
 
     start = time.perf_counter()
-    iterator = pipeline.train_iterator(config, frame, 0, job.batch, sharding=sharding_lib.batch_sharding(mesh))
+    iterator = pipeline.train_iterator(config, frame, [0], job.batch, sharding=sharding_lib.batch_sharding(mesh))
 
     def fed_step():
         batch = next(iterator)
