@@ -314,21 +314,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         for step, batch in zip(range(start + 1, plan.total_steps + 1), train_iter):
             state, metrics = train_step(state, {k: batch[k] for k in TRAIN_INPUTS})
             pending.add(step, metrics)
-            epoch = plan.epoch_ends.get(step)
-            log_now = step % config.train.log_every_steps == 0 or epoch is not None
+            ended_epoch = plan.epoch_ends.get(step)
+            log_now = step % config.train.log_every_steps == 0 or ended_epoch is not None
             if log_now:
                 _log_train(step, pending, writer, progress, result, config.train.batch_size)
-            if epoch is not None:  # evaluates and saves, also when a signal came in meanwhile
+            if ended_epoch is not None:  # evaluates and saves, also when a signal came in meanwhile
                 val_metrics = None
-                if (epoch + 1) % config.train.eval_every_epochs == 0 or step == plan.total_steps:
+                if (ended_epoch + 1) % config.train.eval_every_epochs == 0 or step == plan.total_steps:
                     val_metrics = evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)
                     plateau = optim.plateau_update(jax.device_get(state.plateau), val_metrics["dice"], config.optim)
                     state = state.replace(plateau=sharding_lib.replicate(plateau, mesh))
-                    writer.write(step, {**_prefixed("val", val_metrics), "epoch": epoch + 1})
+                    writer.write(step, {**_prefixed("val", val_metrics), "epoch": ended_epoch + 1})
                     writer.image("val/contours", validation_sheet(sheet_step, state, config, splits.val, mesh), step)
                     result.update(val_metrics)
                     if jax.process_index() == 0:
-                        log.info("epoch %d step %d: %s", epoch, step, val_metrics)
+                        log.info("epoch %d step %d: %s", ended_epoch, step, val_metrics)
                 checkpoints.save(step, state, config, train_iter, metrics=val_metrics)
                 writer.plot()
                 pending.restart_clock()  # images/s counts training time only
