@@ -34,7 +34,8 @@ def parse_command(argv: list[str]):
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"siim-jax {name}", description=help_text)
     module.add_arguments(parser)
-    # A module may parse its own way (train takes --config.a.b=value overrides that argparse cannot declare).
+    # A module may parse its own way: train and demo take --config and its --config.a.b=value overrides,
+    # parsed by ml_collections.config_flags (config_utils.parse_args_with_config).
     parse = getattr(module, "parse_args", lambda parser, args: parser.parse_args(args))
     return module, parse(parser, argv[1:])
 

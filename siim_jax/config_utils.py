@@ -1,84 +1,35 @@
-"""The training config: its schema with defaults, loading config files, and `--config.a.b=v` overrides.
+"""Loading training configs with `ml_collections.config_flags`, and checking them against the schema.
 
-Every config passes through `from_dict`, which copies it onto `default_config()`: a key the schema lacks or a
-value of the wrong type fails with a message naming the key. Config files (`configs/*.py`) define
-`get_config(arg=None)`; `load_config('configs/x.py:arg')` passes `arg`.
+`--config` takes a packaged recipe by name (`demo`, `unet_winner:1024`: `siim_jax/configs/NAME.py`) or a config
+file by path (`path/to/x.py[:arg]`); the text after the colon goes to its `get_config(arg)`. Overrides are
+config_flags' own `--config.a.b=value`, parsed by the type of the field they set. Every config then passes
+through `from_dict`, which copies it onto `configs.defaults.default_config()`: a key the schema lacks or a value
+of the wrong type fails with a message naming the key. A config saved with a checkpoint goes through it too.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-from collections.abc import Iterable, Mapping
+import argparse
+import importlib.resources
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-from siim_jax.data.pipeline import default_data_config
-from siim_jax.losses import LOSS_DEFAULTS
-from siim_jax.models import default_model_config
-from siim_jax.optim import default_optim_config
+from siim_jax.configs.defaults import default_config
 
-# Fields whose value may take more than one shape; they are replaced whole, without the type check.
-FREE_FORM = {
-    "loss.weights": "a mapping of loss component names to weights",
-    "data.balance.positive_fraction": "a number or ((start_epoch, fraction), ...)",
-}
+CONFIG_FLAG = "config"
 
 
 class ConfigError(ValueError):
     pass
 
 
-def default_train_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {
-            "epochs": 100,
-            "max_steps": 0,  # stop after this many steps in all (0 = run every epoch)
-            "batch_size": 4,  # global: images per optimizer step, over all devices and processes
-            "grad_accum": 1,  # micro-batches per step (each batch_size / grad_accum images)
-            "eval_batch_size": 0,  # global; 0 = batch_size
-            "eval_every_epochs": 1,
-            "eval_at_start": False,  # also evaluate the initial weights (logged at step 0)
-            "threshold": 0.5,  # pixel probability threshold of the validation Dice
-            "log_every_steps": 50,  # the only host syncs between evaluations
-            "checkpoint_every_steps": 0,  # 0 = at the end of each epoch only
-            "keep_best": 3,  # checkpoints kept by class-gated validation Dice (dice_gated), besides the latest
-            "seed": 0,  # model init and dropout
-        }
-    )
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The schema, locked: assigning a key it lacks raises."""
-    config = ml_collections.ConfigDict(
-        {
-            "model": default_model_config(),
-            "data": default_data_config(),
-            "loss": dict(LOSS_DEFAULTS),
-            "optim": default_optim_config(),
-            "train": default_train_config(),
-        }
-    )
-    return _locked(config)
-
-
-def _locked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    config.lock()
-    for key in FREE_FORM:
-        parent, name = _parent(config, key)
-        if isinstance(parent[name], ml_collections.ConfigDict):
-            parent[name].unlock()
-    return config
-
-
-def _parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
-    *path, name = key.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    return node, name
+# ----------------------------------------------------------------------------------------------------- schema
 
 
 def _tuples(value: Any) -> Any:
@@ -86,79 +37,136 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _assign(node: ml_collections.ConfigDict, name: str, value: Any, key: str) -> None:
-    value = _tuples(value)
-    if key in FREE_FORM:
-        with node.ignore_type():
-            node[name] = value
-        return
-    if isinstance(node[name], ml_collections.ConfigDict):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}' is a section; got {value!r}")
-        _merge(node[name], value, key + ".")
-        return
-    try:
-        node[name] = value
-    except TypeError as error:
-        raise ConfigError(f"config key '{key}': {value!r} does not fit the type of {node[name]!r}") from error
+def _is_section(node: ml_collections.ConfigDict, name: str) -> bool:
+    """A nested section, as opposed to a field whose value may be a mapping (declared with type `object`)."""
+    return isinstance(node[name], ml_collections.ConfigDict) and node.get_type(name) is not object
 
 
 def _merge(node: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
     for name, value in values.items():
+        key = prefix + name
         if name not in node:
-            raise ConfigError(f"unknown config key '{prefix}{name}'; known in this section: {sorted(node.keys())}")
-        _assign(node, name, value, prefix + name)
+            raise ConfigError(f"unknown config key '{key}'; known in this section: {sorted(node.keys())}")
+        if _is_section(node, name):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{key}' is a section; got {value!r}")
+            _merge(node[name], value, key + ".")
+            continue
+        try:
+            node[name] = _tuples(value)
+        except TypeError as error:
+            raise ConfigError(f"config key '{key}': {value!r} does not fit the type of {node[name]!r}") from error
 
 
 def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`values` (a nested mapping, e.g. a saved config) checked against and completed from the schema."""
     if isinstance(values, ml_collections.ConfigDict):
         values = values.to_dict()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a config is a mapping of sections; got {values!r}")
     config = default_config()
     _merge(config, values, "")
     return config
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Runs `get_config(arg)` of the file in 'path/to/config.py[:arg]' and checks the result."""
-    path, _, arg = spec.partition(":")
+# ------------------------------------------------------------------------------------------------ config files
+
+
+def packaged_configs() -> list[str]:
+    """Names of the recipes shipped in siim_jax/configs."""
+    files = importlib.resources.files("siim_jax.configs").iterdir()
+    return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and f.name not in ("__init__.py", "defaults.py"))
+
+
+def config_file(spec: str) -> str:
+    """'NAME[:arg]' (a packaged recipe) or 'path/to/x.py[:arg]' as 'path/to/file.py[:arg]', for config_flags."""
+    path, colon, arg = spec.partition(":")
+    if not path.endswith(".py"):
+        if path not in packaged_configs():
+            raise ConfigError(f"no packaged config named {path!r}; known: {', '.join(packaged_configs())}")
+        path = str(importlib.resources.files("siim_jax.configs") / f"{path}.py")
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"siim_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config(arg=None)")
-    return from_dict(module.get_config(arg or None))
+    return path + colon + arg
 
 
-def _parse_value(raw: str, current: Any) -> Any:
-    if isinstance(current, str):
-        return raw
-    if isinstance(current, bool) and raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
+def _override_keys(argv: Sequence[str]) -> list[str]:
+    return [arg.split("=", 1)[0].lstrip("-").removeprefix(CONFIG_FLAG + ".") for arg in argv
+            if re.match(rf"--?{CONFIG_FLAG}\.", arg)]
+
+
+def _unknown_key(config: ml_collections.ConfigDict, keys: Sequence[str]) -> ConfigError | None:
+    """The error for the first of `keys` (dotted paths) that `config` lacks, if one does."""
+    for key in keys:
+        node = config
+        for depth, part in enumerate(key.split(".")):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                prefix = ".".join(key.split(".")[:depth])
+                return ConfigError(f"unknown config key '{key}'; known in '{prefix or CONFIG_FLAG}': {known}")
+            node = node[part]
+    return None
+
+
+def _explain(error: Exception, spec: str | None, argv: Sequence[str]) -> ConfigError:
+    """config_flags' and absl's errors as ConfigErrors naming the config file or the key at fault."""
+    if isinstance(error, AttributeError) and error.name == "get_config":
+        return ConfigError(f"config file {spec} defines no get_config(arg=None)")
+    if isinstance(error, (AttributeError, KeyError)) and spec is not None:  # an override names a missing key
+        return _unknown_key(load_config(spec), _override_keys(argv)) or ConfigError(str(error))
+    bad_value = re.match(rf"flag --{CONFIG_FLAG}\.([\w.]+)=(.*?): (.*)", str(error), flags=re.DOTALL)
+    if isinstance(error, flags.IllegalFlagValueError) and bad_value:
+        key, value, reason = bad_value.groups()
+        return ConfigError(f"config key '{key}': {value!r} does not fit its type ({reason})")
+    if "Error whilst parsing config file" in str(error):  # config_flags appends the whole traceback
+        return ConfigError(f"config {spec}: {str(error).strip().splitlines()[-1]}")
+    return ConfigError(str(error))
+
+
+def parse_config_flags(argv: Sequence[str], default: str | None = None) -> tuple[ml_collections.ConfigDict | None, list[str]]:
+    """(config, the other arguments) of a command line: `--config SPEC` and its `--config.a.b=value` overrides
+    are parsed by config_flags in flag values of their own, so each command parses its own."""
+    argv = list(argv)
+    spec = default
+    for i, arg in enumerate(argv):  # the packaged recipes go to config_flags as file paths
+        if arg == f"--{CONFIG_FLAG}" and i + 1 < len(argv):
+            spec = argv[i + 1] = config_file(argv[i + 1])
+        elif arg.startswith(f"--{CONFIG_FLAG}="):
+            spec = config_file(arg.partition("=")[2])
+            argv[i] = f"--{CONFIG_FLAG}={spec}"
+    if spec is default and default is not None:
+        spec = config_file(default)
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(
+        CONFIG_FLAG, spec, "a packaged recipe NAME[:ARG] or a config file PATH.py[:ARG]",
+        flag_values=flag_values, sys_argv=["siim-jax", *argv],
+    )
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # a bare word, e.g. --config.model.attention=scse
+        rest = flag_values(["siim-jax", *argv], known_only=True)[1:]
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        raise _explain(error, spec, argv) from error
+    return (None if spec is None else from_dict(holder.value)), rest
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-    """Applies '--config.a.b=value' strings (the leading dashes are optional) to `config` in place.
-
-    Values are parsed as Python literals, except for string fields, which take the text as it is.
-    """
-    for override in overrides:
-        text = override.lstrip("-")
-        key, equals, raw = text.partition("=")
-        if not key.startswith("config.") or not equals:
-            raise ConfigError(f"overrides look like --config.section.key=value, got {override!r}")
-        key = key.removeprefix("config.")
-        try:
-            node, name = _parent(config, key)
-        except (KeyError, AttributeError) as error:
-            raise ConfigError(f"unknown config key '{key}'") from error
-        if name not in node:
-            raise ConfigError(f"unknown config key '{key}'; known in this section: {sorted(node.keys())}")
-        _assign(node, name, _parse_value(raw, node[name]), key)
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of `--config spec` with `--config.a.b=value` overrides, checked against the schema."""
+    config, rest = parse_config_flags([f"--{CONFIG_FLAG}", spec, *overrides])
+    if rest:
+        raise ConfigError(f"overrides look like --{CONFIG_FLAG}.section.key=value; got {rest}")
     return config
+
+
+def parse_args_with_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str], default: str | None = None
+) -> argparse.Namespace:
+    """`parser.parse_args(argv)` with `args.config` the ConfigDict of `--config` and its overrides (parsed by
+    config_flags, which argparse cannot declare); a config error exits with status 2, as argparse's do."""
+    try:
+        config, rest = parse_config_flags(argv, default)
+    except ConfigError as error:
+        parser.error(str(error))
+    args = parser.parse_args(rest)
+    if config is None:
+        parser.error(f"--{CONFIG_FLAG} is required: a packaged recipe ({', '.join(packaged_configs())}) or a file")
+    args.config = config
+    return args

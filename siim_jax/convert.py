@@ -25,8 +25,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from siim_jax.configs.defaults import default_model_config
 from siim_jax.model_io import save_model
-from siim_jax.models import ENCODERS, build_unfilled, default_model_config
+from siim_jax.models import ENCODERS, build_unfilled
 
 SOURCES = ("torchvision", "timm", "cadene", "smp")
 UNET_PREFIX = "unet_"

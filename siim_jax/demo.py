@@ -1,9 +1,9 @@
 """The main job in one command, on a machine with no data and no network.
 
-    siim-jax demo [--workdir runs/demo]
+    siim-jax demo [--workdir runs/demo] [--config.a.b=value ...]
 
-Writes a synthetic challenge-format dataset, trains `configs/demo.py` on it, tunes the post-processing on the
-validation fold, evaluates, predicts the test set into a submission and draws overlays — everything under the
+Writes a synthetic challenge-format dataset, trains the packaged `demo` config on it, tunes the post-processing
+on the validation fold, evaluates, predicts the test set into a submission and draws overlays — everything under the
 workdir. A second run reuses what is there: the dataset, and the finished (or interrupted) training.
 """
 
@@ -26,7 +26,7 @@ from siim_jax.postprocess import PostProcess
 from siim_jax.predict import add_model_arguments, load_inference, overlay_sample, predict_submission, submission_items
 from siim_jax.tune import format_table, predict_fold, tune
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+DEMO_CONFIG = "demo"  # siim_jax/configs/demo.py
 
 
 def ensure_dataset(data_dir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None) -> Path:
@@ -58,8 +58,9 @@ def inference_for(train_dir: Path):
     return load_inference(parser.parse_args(["--checkpoint", str(train_dir), "--batch-size", "16"]))
 
 
-def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None, overrides=()) -> dict:
-    """Runs every stage and returns the summary written to `workdir/summary.json`."""
+def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None, config=None) -> dict:
+    """Runs every stage and returns the summary written to `workdir/summary.json`. `config` defaults to the
+    packaged demo config; its `data.root`, when empty, becomes the synthetic dataset."""
     from siim_jax.train import train_and_evaluate  # imports JAX: after the dataset is written
 
     start = time.perf_counter()
@@ -67,7 +68,8 @@ def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: s
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = ensure_dataset(workdir / "data", n_train, n_test, seed, mask_source)
 
-    config = config_utils.apply_overrides(config_utils.load_config(f"{DEMO_CONFIG}:{data_dir}"), overrides)
+    config = config_utils.load_config(DEMO_CONFIG) if config is None else config_utils.from_dict(config)
+    config.data.root = config.data.root or str(data_dir)
     train_dir = workdir / "train"
     print(f"training {config.model.encoder} UNet at {config.data.image_size}² in {train_dir}")
     training = train_and_evaluate(config, train_dir)
@@ -138,16 +140,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=40, help="synthetic test images (40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset (0)")
     parser.add_argument("--mask-source", help="take the pneumothorax shapes from this label CSV (e.g. a real one)")
-    parser.add_argument("overrides", nargs="*", metavar="--config.a.b=value", help="overrides of configs/demo.py")
+    # Parsed by config_flags (config_utils.parse_args_with_config); declared here for --help.
+    parser.add_argument(
+        "--config", metavar="NAME[:ARG]", help=f"the recipe ({DEMO_CONFIG}); override its fields with --config.a.b=value"
+    )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Also takes `--config.a.b=value` overrides, as `siim-jax train` does."""
-    from siim_jax.train import parse_args as parse_with_overrides
-
-    return parse_with_overrides(parser, argv)
+    return config_utils.parse_args_with_config(parser, argv, default=DEMO_CONFIG)
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.workdir, args.n_train, args.n_test, args.seed, args.mask_source, args.overrides)
+    run_demo(args.workdir, args.n_train, args.n_test, args.seed, args.mask_source, args.config)
     return 0

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from siim_jax.configs.defaults import default_loss_config
+
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -78,20 +80,6 @@ def classification_loss(class_logits, labels) -> jax.Array:
     return bce_with_logits(_float32(class_logits).reshape(labels.shape), labels)
 
 
-# make_loss config keys and their defaults. `weights` maps mask-loss component names to weights.
-LOSS_DEFAULTS: dict[str, Any] = {
-    "weights": {"focal": 1.0, "dice": 1.0},
-    "focal_alpha": 0.3,  # weight of positive pixels; None turns the alpha weighting off
-    "focal_gamma": 3.5,
-    "dice_per_image": True,
-    "dice_smooth": 1.0,
-    "wsd_v1": 0.1,  # weight of background pixels in the weighted soft Dice
-    "wsd_v2": 0.9,  # weight of foreground pixels in the weighted soft Dice
-    "wsd_smooth": 1.0,
-    "cls_weight": 0.0,  # > 0 adds classification_loss on the image-level head as component 'cls'
-}
-
-
 def _mask_components(cfg: Mapping[str, Any]) -> dict[str, Callable[[jax.Array, jax.Array], jax.Array]]:
     return {
         "bce": bce_with_logits,
@@ -108,14 +96,15 @@ def _as_dict(config) -> dict[str, Any]:
 def make_loss(loss_config=None) -> LossFn:
     """Builds `loss_fn(mask_logits, masks, class_logits=None, labels=None) -> (loss, components)`.
 
-    `loss_config` is an ml_collections.ConfigDict or a mapping with keys from LOSS_DEFAULTS
-    (missing keys take the defaults). Mask components are 'bce', 'focal', 'dice' and 'wsd'; the
+    `loss_config` is an ml_collections.ConfigDict or a mapping with keys from `default_loss_config()`
+    (missing keys take its defaults). Mask components are 'bce', 'focal', 'dice' and 'wsd'; the
     loss is the weighted sum of the components, which are returned unweighted by name.
     """
-    cfg = {**LOSS_DEFAULTS, **_as_dict(loss_config or {})}
-    unknown_keys = sorted(set(cfg) - set(LOSS_DEFAULTS))
+    defaults = default_loss_config().to_dict()
+    cfg = {**defaults, **_as_dict(loss_config or {})}
+    unknown_keys = sorted(set(cfg) - set(defaults))
     if unknown_keys:
-        raise ValueError(f"unknown loss config keys {unknown_keys}; known: {sorted(LOSS_DEFAULTS)}")
+        raise ValueError(f"unknown loss config keys {unknown_keys}; known: {sorted(defaults)}")
     weights = _as_dict(cfg["weights"])
     components = _mask_components(cfg)
     unknown_components = sorted(set(weights) - set(components))

@@ -23,27 +23,6 @@ SCHEDULES = ("constant", "warmup_cosine", "plateau")
 OPTIMIZERS = ("adam", "radam")
 
 
-def default_optim_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {
-            "name": "adam",  # one of OPTIMIZERS
-            "lr": 1e-4,
-            "b1": 0.9,
-            "b2": 0.999,
-            "eps": 1e-8,
-            "weight_decay": 0.0,  # coupled L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
-            "clip_norm": 0.0,  # global-norm clipping of the gradient; 0 = off
-            "schedule": "constant",  # one of SCHEDULES
-            "warmup_steps": 0,  # linear warm-up from 0, for every schedule
-            "final_lr_fraction": 0.0,  # warmup_cosine ends at lr * final_lr_fraction
-            "plateau_factor": 0.5,  # plateau: multiply the rate by this when validation Dice stalls ...
-            "plateau_patience": 3,  # ... for this many evaluations ...
-            "plateau_min_scale": 0.01,  # ... but never below lr * plateau_min_scale
-            "ema_decay": 0.0,  # exponential moving average of the weights; 0 = off
-        }
-    )
-
-
 def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
     """Gradient → update: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments → × -lr.
 

@@ -1,4 +1,6 @@
-"""Training: `siim-jax train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`.
+"""Training: `siim-jax train --config NAME[:arg] --workdir DIR [--config.a.b=value ...]`.
+
+`--config` is a packaged recipe (siim_jax/configs/NAME.py) or a config file PATH.py[:arg]; see config_utils.
 
 One flat loop of jitted steps over a data-parallel mesh of every device, fed by one grain iterator of the whole run;
 validation Dice at the end of each epoch; checkpoints of the latest and the best steps in `DIR/checkpoints`; metrics
@@ -347,7 +349,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="config file, optionally with an argument: configs/x.py[:arg]")
+    # Parsed by config_flags (config_utils.parse_args_with_config); declared here for --help.
+    parser.add_argument(
+        "--config", metavar="NAME[:ARG]",
+        help=f"a packaged recipe ({', '.join(config_utils.packaged_configs())}) or a config file PATH.py[:ARG]; "
+        "override its fields with --config.a.b=value",
+    )
     parser.add_argument("--workdir", required=True, type=Path, help="checkpoints, metrics and curves go here")
     parser.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -356,21 +363,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator-address", help="multi-process runs: host:port of process 0")
     parser.add_argument("--num-processes", type=int, help="multi-process runs: how many processes")
     parser.add_argument("--process-id", type=int, help="multi-process runs: this process's index")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="config.a.b=value",
-        help="config overrides; also accepted as --config.a.b=value",
-    )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Like `parser.parse_args`, also taking `--config.a.b=value` overrides (argparse cannot declare them)."""
-    args, unknown = parser.parse_known_args(argv)
-    overrides = [arg for arg in unknown if arg.startswith("--config.")]
-    others = [arg for arg in unknown if not arg.startswith("--config.")]
-    if others:
-        parser.error(f"unrecognized arguments: {' '.join(others)}")
-    args.overrides = list(args.overrides) + overrides
-    return args
+    return config_utils.parse_args_with_config(parser, argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -378,12 +374,7 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sharding_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
-        config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
-    except config_utils.ConfigError as error:
-        print(f"siim-jax train: {error}", file=sys.stderr)
-        return 2
-    try:
-        result = train_and_evaluate(config, args.workdir, resume=args.resume)
+        result = train_and_evaluate(args.config, args.workdir, resume=args.resume)
     except (NonFiniteLossError, OSError, LabelError, DicomError) as error:  # each names the step or file at fault
         print(f"siim-jax train: {error}", file=sys.stderr)
         return 1

@@ -55,11 +55,12 @@ def train(accum: int) -> tuple[dict, dict]:
     from flax import nnx
 
     from siim_jax import losses, optim, sharding
+    from siim_jax.configs import defaults
     from siim_jax.train_state import create_train_state, make_train_step
     from tests.tiny_model import TinySegmenter, random_batch
 
     mesh = sharding.data_mesh()
-    config = optim.default_optim_config()
+    config = defaults.default_optim_config()
     config.lr = 0.05
     optimizer = optim.make_optimizer(config)
     model_def, state = create_train_state(TinySegmenter(rngs=nnx.Rngs(0)), optimizer, seed=0, ema=False)

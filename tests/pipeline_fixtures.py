@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from siim_jax.configs.defaults import default_data_config
 from siim_jax.data import synthetic
-from siim_jax.data.pipeline import default_data_config
 
 N_TRAIN, N_TEST = 12, 3
 IMAGE_SIZE = 32

@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from siim_jax.configs import defaults
 from siim_jax.data import augment
 
 SIZE = 96
@@ -17,7 +18,7 @@ def l_shape() -> np.ndarray:
 
 
 def config(**overrides):
-    result = augment.default_augment_config()
+    result = defaults.default_augment_config()
     for key, value in overrides.items():
         setattr(result, key, value)
     return result

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from siim_jax import config_utils, model_io, optim
+from siim_jax import model_io, optim
 from siim_jax.checkpoints import TrainingCheckpoints, load_initial_weights, restore_for_inference
+from siim_jax.config_utils import ConfigError
+from siim_jax.configs.defaults import default_config
 from siim_jax.models import build_model, build_unfilled
 from siim_jax.train_state import create_train_state
 from tests.tiny_model import TinySegmenter
 
 
 def small_config(ema: bool = False):
-    config = config_utils.default_config()
+    config = default_config()
     config.model.encoder = "resnet18"
     config.model.decoder_channels = (16, 8, 8, 8, 8)
     config.optim.ema_decay = 0.5 if ema else 0.0
@@ -81,6 +84,25 @@ def test_restores_the_state_the_config_and_the_data_position(tmp_path):
         assert checkpoints.restore_config(3).train.epochs == 7
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), state)
     assert next(resumed) == 42
+
+
+def test_a_restored_config_is_checked_against_the_schema(tmp_path):
+    config = small_config()
+    config.model.attention = "scse"
+    config.data.balance.positive_fraction = ((0, 0.8), (10, 0.6))
+    config.loss.weights = {"bce": 3.0}
+    renamed = ml_collections.ConfigDict(config.to_dict())  # unlocked: a key the schema lacks can be added
+    renamed.train.epoch = 7
+    with TrainingCheckpoints(tmp_path) as checkpoints:
+        checkpoints.save(1, tiny_state(1), config, data_iterator())
+        checkpoints.save(2, tiny_state(2), renamed, data_iterator())
+    with TrainingCheckpoints(tmp_path, read_only=True) as checkpoints:
+        restored = checkpoints.restore_config(1)
+        assert restored.model.attention == "scse"
+        assert restored.data.balance.positive_fraction == ((0, 0.8), (10, 0.6))  # tuples again, from JSON lists
+        assert restored.loss.weights == {"bce": 3.0}  # replaced whole, not merged into the default weights
+        with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+            checkpoints.restore_config(2)
 
 
 def save_unet_run(workdir, ema: bool) -> None:

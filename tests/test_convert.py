@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 from siim_jax import convert as convert_module
+from siim_jax.configs.defaults import default_model_config
 from siim_jax.convert import ConversionError, convert, convert_with_config
 from siim_jax.model_io import load_into, load_model, save_model
-from siim_jax.models import build_model, build_unfilled, default_model_config
+from siim_jax.models import build_model, build_unfilled
 
 torch = pytest.importorskip("torch")
 smp = pytest.importorskip("segmentation_models_pytorch")

@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from siim_jax.configs import defaults
 from siim_jax.data import pipeline
 
 from .pipeline_fixtures import IMAGE_SIZE, N_TEST, corrupt_copy, data_config
@@ -11,7 +12,7 @@ from .pipeline_fixtures import synthetic_tree  # noqa: F401 (a fixture)
 
 
 def balance(**values) -> ml_collections.ConfigDict:
-    config = pipeline.default_data_config().balance
+    config = defaults.default_data_config().balance
     config.update(values)
     return config
 

@@ -2,7 +2,6 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import jax
@@ -30,7 +29,7 @@ from siim_jax.predict import (
 from . import dicom_factory as factory
 
 MODEL_SIZE = 32
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+DEMO_CONFIG = "demo"
 
 
 class Brightness(nnx.Module):

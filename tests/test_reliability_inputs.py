@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from siim_jax import models, train
-from siim_jax.config_utils import ConfigError, apply_overrides, default_config, from_dict, load_config
+from siim_jax.config_utils import ConfigError, from_dict, load_config
 from siim_jax.data import synthetic
 from siim_jax.data.dicom import DicomError, read_dicom, read_header
 from siim_jax.data.labels import LabelError, build_index
@@ -38,7 +38,7 @@ from tests.bad_inputs import (
 )
 from tests.tiny_model import build_tiny_model
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+DEMO_CONFIG = "demo"
 
 # ---------------------------------------------------------------------------------------------------- the corpus
 
@@ -102,7 +102,7 @@ def check_config_case(case: ConfigCase, tmp_path: Path) -> None:
         if case.values is not None:
             from_dict(case.values)
         elif case.overrides:
-            apply_overrides(default_config(), case.overrides)
+            load_config(DEMO_CONFIG, case.overrides)
         else:
             path = tmp_path / ("missing.py" if case.file_text is None else "config.py")
             if case.file_text is not None:
@@ -309,10 +309,9 @@ def test_pytorch_checkpoints_are_loaded_as_weights_only(tmp_path):
 @pytest.mark.parametrize("key", ["train.epochs", "model.encoder", "data.root"])
 def test_config_overrides_are_data_never_code(tmp_path, key):
     canary = tmp_path / "pwned"
-    config = default_config()
     payload = f"__import__('os').system('touch {canary}')"
     try:
-        apply_overrides(config, [f"--config.{key}={payload}"])
+        config = load_config(DEMO_CONFIG, [f"--config.{key}={payload}"])
     except ConfigError as error:
         assert f"'{key}'" in str(error)  # a number field refuses the text
     else:

@@ -26,7 +26,7 @@ from tests import bad_inputs, kill_worker
 from tests import dicom_factory as factory
 from tests.kill_worker import forkserver, run_child  # noqa: F401 - forkserver is a fixture
 
-DEMO_CONFIG = "configs/demo.py"
+DEMO_CONFIG = "demo"
 TOTAL_STEPS = 8
 RUN_TIMEOUT_S = 180
 SETTINGS = [

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from siim_jax import config_utils, models, train
+from siim_jax import cli, config_utils, models, train
 from siim_jax.checkpoints import TrainingCheckpoints, restore_for_inference
 from siim_jax.data import synthetic
 from siim_jax.logging_utils import read_history
@@ -45,7 +45,7 @@ def synthetic_root(tmp_path_factory):
 
 def small_config(root, image_size: int = 32, **train_overrides):
     """The demo config shrunk: 16 training images without augmentation, 4 steps an epoch, 8 validation images."""
-    config = config_utils.load_config(f"configs/demo.py:{root}")
+    config = config_utils.load_config(f"demo:{root}")
     config.model.decoder_channels = (16, 8, 8, 8, 8)
     config.data.image_size = image_size
     config.data.n_folds = 3
@@ -159,18 +159,19 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
 
 
 def parsed(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    return train.parse_args(parser, argv)
+    module, args = cli.parse_command(["train", *argv])
+    assert module is train
+    return args
 
 
 def test_command_line_overrides_and_config_errors(tmp_path, capsys):
-    args = parsed(["--config", "configs/demo.py:/data", "--workdir", str(tmp_path), "--config.train.epochs=3",
-                   "config.model.attention=scse"])
-    assert args.overrides == ["config.model.attention=scse", "--config.train.epochs=3"]
-    config = config_utils.apply_overrides(config_utils.load_config(args.config), args.overrides)
+    args = parsed(["--config", "demo:/data", "--workdir", str(tmp_path), "--config.train.epochs=3",
+                   "--config.model.attention=scse"])
+    config = args.config
     assert (config.train.epochs, config.model.attention, config.data.root) == (3, "scse", "/data")
-    assert train.run(parsed(["--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.train.epoch=3"])) == 2
+    with pytest.raises(SystemExit) as stopped:
+        parsed(["--config", "demo", "--workdir", str(tmp_path), "--config.train.epoch=3"])
+    assert stopped.value.code == 2
     assert "unknown config key 'train.epoch'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parsed(["--config", "configs/demo.py", "--workdir", str(tmp_path), "--bogus"])
+        parsed(["--config", "demo", "--workdir", str(tmp_path), "--bogus"])

@@ -11,12 +11,13 @@ import torch
 from flax import nnx
 
 from siim_jax import losses, optim, sharding
+from siim_jax.configs import defaults
 from siim_jax.train_state import create_train_state, make_train_step
 from tests.tiny_model import TinySegmenter, random_batch
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-    config = optim.default_optim_config()
+    config = defaults.default_optim_config()
     config.update(overrides)
     return config
 

@@ -29,8 +29,8 @@ import pandas as pd
 import pydicom
 import torch
 
+from siim_jax.configs.defaults import default_augment_config, default_data_config
 from siim_jax.data import layout, pipeline, rle, synthetic, tfds_siim
-from siim_jax.data.augment import default_augment_config
 from siim_jax.data.labels import build_index
 
 
@@ -111,7 +111,7 @@ def main() -> None:
         prepared_frame = tfds_siim.index_frame(prepared, "train").query("record >= 0")
         frame = frame[frame["image_id"].isin(prepared_frame["image_id"])]  # files that decode, in both
 
-        config = pipeline.default_data_config()
+        config = default_data_config()
         config.update({"root": str(root), "image_size": args.size, "workers": 0, "prefetch": 0})
         config.balance.mode = "none"
         prepared_config = config.copy_and_resolve_references()

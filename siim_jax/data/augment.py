@@ -11,7 +11,6 @@ fill_mask, GaussNoise with std_range as a fraction of 255).
 
 from __future__ import annotations
 
-import math
 import os
 import random
 
@@ -24,22 +23,6 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # grey level -> the three normalised channels the ImageNet encoder expects, as a 3-channel OpenCV lookup table
 _NORMALISED = ((np.arange(256, dtype=np.float32)[:, None] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).reshape(1, 256, 3)
-
-
-def default_augment_config() -> ml_collections.ConfigDict:
-    """The seed's train pipeline: HorizontalFlip, ShiftScaleRotate(0, 0.1, 10, constant border), GaussNoise."""
-    return ml_collections.ConfigDict(
-        {
-            "hflip_p": 0.5,
-            "affine_p": 0.5,
-            "scale": 0.1,  # zoom drawn from [1 - scale, 1 + scale]
-            "rotate": 10.0,  # degrees, drawn from [-rotate, rotate]
-            "shift": 0.0,  # translation as a fraction of the side, drawn from [-shift, shift]
-            "noise_p": 0.5,
-            # std as a fraction of 255 at 1024²: the seed's GaussNoise(var_limit=(10, 50)) in grey levels
-            "noise_std_range": (math.sqrt(10.0) / 255.0, math.sqrt(50.0) / 255.0),
-        }
-    )
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1,6 +1,6 @@
 """Grain datasets for training, validation and prediction.
 
-Config (``config.data``, from ``default_data_config()``):
+Config (``config.data``, from ``siim_jax.configs.defaults.default_data_config()``):
   root            the challenge tree: dicom-images-train/, train-rle.csv, dicom-images-test/
   labels_csv      label file; '' means root/train-rle.csv
   prepared_dir    '' decodes DICOMs on the fly; else the ``siim-jax prepare --out`` folder (root is then unused)
@@ -13,7 +13,7 @@ Config (``config.data``, from ``default_data_config()``):
   balance.mode    'difference' (every positive, negatives up to max_difference more: 1000, the seed's way),
                   'fraction' (every positive, negatives so positives make positive_fraction of the epoch), 'none'
   balance.positive_fraction   a float, or a schedule ((0, 0.8), (10, 0.6), (20, 0.4)): from epoch 0 use 0.8, ...
-  augment.*       the train pipeline's knobs, see ``augment.default_augment_config``
+  augment.*       the train pipeline's knobs, see ``defaults.default_augment_config``
   workers         0 loads in the calling process (one background thread); N > 0 uses N worker processes
   prefetch        batches each worker (or the background thread) keeps ready (2)
   seed            seeds each epoch's draw, from (seed, epoch), and each element's augmentation, from
@@ -73,7 +73,7 @@ import pydicom
 from absl import flags
 
 from siim_jax.data import layout, rle
-from siim_jax.data.augment import TrainAugment, default_augment_config, normalise
+from siim_jax.data.augment import TrainAugment, normalise
 from siim_jax.data.decode import decode_example
 from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import SKIPPED_COLUMNS, assign_folds, build_index, skipped_frame
@@ -83,30 +83,6 @@ _DEVICE_PREFETCH = 2
 _STAND_IN_TRIES = 16  # rows tried in place of a training file that fails to decode
 
 log = logging.getLogger(__name__)
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {
-            "root": "",
-            "labels_csv": "",
-            "prepared_dir": "",
-            "image_size": 512,
-            "fold": 0,
-            "n_folds": 5,
-            "fold_seed": 0,
-            "strict": False,
-            "balance": {
-                "mode": "difference",
-                "max_difference": 1000,
-                "positive_fraction": ((0, 0.8), (10, 0.6), (20, 0.4)),
-            },
-            "augment": default_augment_config(),
-            "workers": 0,
-            "prefetch": 2,
-            "seed": 0,
-        }
-    )
 
 
 # ------------------------------------------------------------------------------------------------------ index

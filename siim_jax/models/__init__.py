@@ -10,26 +10,9 @@ from flax import nnx
 from siim_jax.models.resnet import ENCODERS, ResNetEncoder
 from siim_jax.models.unet import UNet
 
-__all__ = ["ENCODERS", "ResNetEncoder", "UNet", "build_model", "build_unfilled", "default_model_config"]
+__all__ = ["ENCODERS", "ResNetEncoder", "UNet", "build_model", "build_unfilled"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: parity checks
-
-
-def default_model_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {
-            "encoder": "resnet50",  # a key of ENCODERS
-            "encoder_only": False,  # the bare encoder (returns its five feature maps), as converted from ImageNet
-            "classes": 1,
-            "decoder_channels": (256, 128, 64, 32, 16),
-            "attention": None,  # or "scse"
-            "cls_head": True,  # classification head on the deepest feature (smp's aux_params)
-            "cls_dropout": 0.2,
-            "dtype": "float32",  # compute dtype (or bfloat16); parameters and BatchNorm statistics stay float32
-            "remat": False,
-            "init_from": "",  # a checkpoint written by `siim-jax convert` or by training
-        }
-    )
 
 
 def compute_dtype(name: str):

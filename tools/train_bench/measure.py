@@ -56,7 +56,7 @@ def peak_device_bytes() -> int | None:
 
 def bench_model(job: Job):
     """The UNet of `job` in bfloat16 compute, without the classification head (smp.Unet has none)."""
-    from siim_jax.models import default_model_config
+    from siim_jax.configs.defaults import default_model_config
     from siim_jax.train import init_model
 
     config = default_model_config()
@@ -105,12 +105,13 @@ def run_jax(job: Job, settings: Settings, report) -> dict:
 
     from siim_jax import optim
     from siim_jax import sharding as sharding_lib
+    from siim_jax.configs import defaults
     from siim_jax.data import pipeline
     from siim_jax.losses import make_loss
     from siim_jax.train_state import create_train_state, make_train_step
 
     mesh = sharding_lib.data_mesh()
-    optim_config = optim.default_optim_config()
+    optim_config = defaults.default_optim_config()
     optimizer = optim.make_optimizer(optim_config)
     model_def, state = create_train_state(bench_model(job), optimizer, seed=0, ema=False)
     state = sharding_lib.replicate(state, mesh)
@@ -180,13 +181,14 @@ def run_e2e(job: Job, settings: Settings, runner: StepRunner, mesh, pure_images_
     import pandas as pd
 
     from siim_jax import sharding as sharding_lib
+    from siim_jax.configs import defaults
     from siim_jax.data import pipeline
     from siim_jax.train_state import TRAIN_INPUTS
 
     start = time.perf_counter()
     prepared, frame = prepared_synthetic(Path(settings.cache), settings.e2e_images, job.size)
     prepare_s = time.perf_counter() - start
-    config = pipeline.default_data_config()
+    config = defaults.default_data_config()
     config.update({"prepared_dir": str(prepared), "image_size": job.size, "workers": settings.workers})
     config.balance.mode = "none"
     buffered = settings.workers * config.prefetch + 2  # 2: the pipeline's device prefetch

@@ -5,12 +5,12 @@ make 80% of it, then 60% from epoch 10 and 40% from epoch 20; Adam 1e-4 with war
 three checkpoints are kept for averaging (`siim-jax predict --average-top 3`). Stage '1024' fine-tunes the stage
 '512' run at full size, starting from its best checkpoint:
 
-    siim-jax train --config configs/unet_winner.py:512 --workdir runs/winner512 --config.data.root=DATA_ROOT
-    siim-jax train --config configs/unet_winner.py:1024 --workdir runs/winner1024 --config.data.root=DATA_ROOT \
+    siim-jax train --config unet_winner:512 --workdir runs/winner512 --config.data.root=DATA_ROOT
+    siim-jax train --config unet_winner:1024 --workdir runs/winner1024 --config.data.root=DATA_ROOT \
         --config.model.init_from=runs/winner512
 """
 
-from siim_jax.config_utils import default_config
+from siim_jax.configs.defaults import default_config
 
 STAGES = {
     # image size, global batch, micro-batches, epochs, peak learning rate

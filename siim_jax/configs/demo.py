@@ -1,10 +1,10 @@
 """A demo small enough for 2 CPU cores: a ResNet18 UNet at 128² trained for a few minutes on a synthetic set.
 
     siim-jax synth runs/synth --n-train 300 --n-test 20
-    siim-jax train --config configs/demo.py:runs/synth --workdir runs/demo
+    siim-jax train --config demo:runs/synth --workdir runs/demo
 """
 
-from siim_jax.config_utils import default_config
+from siim_jax.configs.defaults import default_config
 
 
 def get_config(arg=None):

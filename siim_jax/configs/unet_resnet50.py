@@ -3,11 +3,11 @@
 Adam at 1e-5, batch 4, 100 epochs at 512², focal loss (alpha 0.3, gamma 3.5) plus soft Dice, and every positive
 with up to 1000 more negatives drawn afresh each epoch.
 
-    siim-jax train --config configs/unet_resnet50.py:DATA_ROOT --workdir runs/unet_resnet50
+    siim-jax train --config unet_resnet50:DATA_ROOT --workdir runs/unet_resnet50
     (or --config.data.root=DATA_ROOT; add --config.model.init_from=CONVERTED_IMAGENET_DIR for a pretrained encoder)
 """
 
-from siim_jax.config_utils import default_config
+from siim_jax.configs.defaults import default_config
 
 
 def get_config(arg=None):
