@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,9 @@ def parse_config_flags(argv: Sequence[str], default: str | None = None) -> tuple
             argv[i] = f"--{CONFIG_FLAG}={spec}"
     if spec is default and default is not None:
         spec = config_file(default)
+    # config_flags executes every file into the same module, sys.modules['config_config']: without this, a
+    # file lacking get_config would run the one left there by the file loaded before.
+    sys.modules.pop(f"{CONFIG_FLAG}_config", None)
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file(
         CONFIG_FLAG, spec, "a packaged recipe NAME[:ARG] or a config file PATH.py[:ARG]",
