@@ -124,18 +124,21 @@ def _explain(error: Exception, spec: str | None, argv: Sequence[str]) -> ConfigE
     return ConfigError(str(error))
 
 
-def parse_config_flags(argv: Sequence[str], default: str | None = None) -> tuple[ml_collections.ConfigDict | None, list[str]]:
-    """(config, the other arguments) of a command line: `--config SPEC` and its `--config.a.b=value` overrides
-    are parsed by config_flags in flag values of their own, so each command parses its own."""
+def parse_config_flags(
+    argv: Sequence[str], default: str | None = None
+) -> tuple[ml_collections.ConfigDict | None, list[str]]:
+    """(config, the other arguments) of a command line: `--config SPEC` (else `default`, if given) and its
+    `--config.a.b=value` overrides are parsed by config_flags in flag values of their own, so each command
+    parses its own."""
     argv = list(argv)
-    spec = default
+    spec = None
     for i, arg in enumerate(argv):  # the packaged recipes go to config_flags as file paths
         if arg == f"--{CONFIG_FLAG}" and i + 1 < len(argv):
             spec = argv[i + 1] = config_file(argv[i + 1])
         elif arg.startswith(f"--{CONFIG_FLAG}="):
             spec = config_file(arg.partition("=")[2])
             argv[i] = f"--{CONFIG_FLAG}={spec}"
-    if spec is default and default is not None:
+    if spec is None and default is not None:
         spec = config_file(default)
     # config_flags executes every file into the same module, sys.modules['config_config']: without this, a
     # file lacking get_config would run the one left there by the file loaded before.

@@ -142,7 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-source", help="take the pneumothorax shapes from this label CSV (e.g. a real one)")
     # Parsed by config_flags (config_utils.parse_args_with_config); declared here for --help.
     parser.add_argument(
-        "--config", metavar="NAME[:ARG]", help=f"the recipe ({DEMO_CONFIG}); override its fields with --config.a.b=value"
+        "--config", metavar="NAME[:ARG]",
+        help=f"the recipe ({DEMO_CONFIG}); override its fields with --config.a.b=value",
     )
 
 

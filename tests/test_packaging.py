@@ -23,8 +23,8 @@ def build_wheel(out: Path) -> Path:
     shutil.copytree(ROOT / "siim_jax", source / "siim_jax", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)]
-    subprocess.run(command, check=True, timeout=300)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]
+    subprocess.run([*pip_wheel, str(source)], check=True, timeout=300)
     (wheel,) = out.glob("siim_jax-*.whl")
     return wheel
 
@@ -34,14 +34,14 @@ def test_installed_wheel_runs_the_demo_from_another_folder(tmp_path):
     assert {f"siim_jax/configs/{name}.py" for name in (*RECIPES, "defaults")} <= set(zipfile.ZipFile(wheel).namelist())
 
     site = tmp_path / "site"
-    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(site), str(wheel)]
-    subprocess.run(install, check=True, timeout=300)
+    pip_install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(site)]
+    subprocess.run([*pip_install, str(wheel)], check=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy only, not the checkout
 
-    located = subprocess.run([sys.executable, "-c", "import siim_jax; print(siim_jax.__file__)"], cwd=elsewhere, env=env,
-                             capture_output=True, text=True, check=True)
+    where = [sys.executable, "-c", "import siim_jax; print(siim_jax.__file__)"]
+    located = subprocess.run(where, cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
     assert Path(located.stdout.strip()).is_relative_to(site)
 
     demo = subprocess.run([str(site / "bin" / "siim-jax"), "demo", "--workdir", "run", *TINY], cwd=elsewhere, env=env,
