@@ -7,8 +7,13 @@ import pytest
 from siim_jax.configs import defaults
 from siim_jax.data import pipeline
 
-from .pipeline_fixtures import IMAGE_SIZE, N_TEST, corrupt_copy, data_config
-from .pipeline_fixtures import synthetic_tree  # noqa: F401 (a fixture)
+from .pipeline_fixtures import (
+    IMAGE_SIZE,
+    N_TEST,
+    corrupt_copy,
+    data_config,
+    synthetic_tree,  # noqa: F401 (a fixture)
+)
 
 
 def balance(**values) -> ml_collections.ConfigDict:
