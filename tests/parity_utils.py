@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from siim_jax.convert import Rule, conversion_plan, load_into_model, load_state_dict, translate
 from siim_jax.models import build_unfilled
+from tests.conftest import reference_import
 
-torch = pytest.importorskip("torch")
+torch = reference_import("torch")
 
 TOLERANCE = 1e-4
 INPUT_SHAPE = (2, 3, 64, 96)  # NCHW; non-square so that H/W mix-ups show

@@ -20,8 +20,10 @@ from siim_jax.convert import ConversionError, convert, convert_with_config
 from siim_jax.model_io import load_into, load_model, save_model
 from siim_jax.models import build_model, build_unfilled
 
-torch = pytest.importorskip("torch")
-smp = pytest.importorskip("segmentation_models_pytorch")
+from .conftest import reference_import
+
+torch = reference_import("torch")
+smp = reference_import("segmentation_models_pytorch")
 
 X = np.random.default_rng(0).standard_normal((1, 64, 96, 3)).astype(np.float32)
 
@@ -68,7 +70,7 @@ def test_classification_head_gives_mask_and_class_logits(unet_state):
 
 
 def test_imagenet_classifiers_are_dropped():
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = reference_import("torchvision")
     state = torchvision.models.resnet18().state_dict()  # with fc
     features = convert(state, source="torchvision", arch="resnet18")(jnp.asarray(X))
     assert [f.shape[-1] for f in features] == [64, 64, 128, 256, 512]
@@ -78,7 +80,7 @@ def test_imagenet_classifiers_are_dropped():
 
 
 def test_timm_se_resnext_gets_timms_stem_pool():
-    timm = pytest.importorskip("timm")
+    timm = reference_import("timm")
     state = timm.create_model("seresnext50_32x4d", pretrained=False).state_dict()
     assert convert(state, source="timm", arch="se_resnext50_32x4d").encoder_name == "seresnext50_32x4d"
 
@@ -99,7 +101,7 @@ def test_impossible_source_and_arch_pairs_are_refused(unet_state, source, arch):
 
 
 def test_files_pth_wrapped_and_safetensors(unet_state, tmp_path):
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy = reference_import("safetensors.numpy")
     reference = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X))[0]
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in unet_state.items()}}
     torch.save(wrapped, tmp_path / "training.pth")

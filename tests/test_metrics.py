@@ -6,6 +6,8 @@ import pytest
 
 from siim_jax import metrics
 
+from .conftest import reference_import
+
 
 def _square(size, top, left, side):
     mask = np.zeros((size, size), bool)
@@ -70,7 +72,7 @@ def test_auc_matches_pairwise_count(seed):
 
 
 def test_auc_matches_sklearn():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    sklearn_metrics = reference_import("sklearn.metrics")
     scores, labels = _random_scores(3)
     assert metrics.roc_auc(scores, labels) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores))
 

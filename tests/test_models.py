@@ -13,6 +13,8 @@ from siim_jax.models import UNet, build_model, build_unfilled
 from siim_jax.models.layers import BatchNorm, call, max_pool_3x3_s2, resize_nearest
 from siim_jax.models.unet import DecoderBlock
 
+from .conftest import reference_import
+
 SMALL = dict(encoder="resnet18", attention="scse", cls_head=True, classes=2)
 
 
@@ -99,7 +101,7 @@ def test_batchnorm_keeps_pytorchs_unbiased_running_variance():
 @pytest.mark.parametrize("ceil_mode", [False, True])
 @pytest.mark.parametrize("size", [(12, 18), (13, 17), (7, 8)])
 def test_stem_max_pool_matches_pytorch(size, ceil_mode):
-    torch = pytest.importorskip("torch")
+    torch = reference_import("torch")
     x = np.random.default_rng(0).standard_normal((1, 4, *size)).astype(np.float32)
     padding = 0 if ceil_mode else 1
     reference = torch.nn.functional.max_pool2d(torch.from_numpy(x), 3, 2, padding, ceil_mode=ceil_mode).numpy()
@@ -109,7 +111,7 @@ def test_stem_max_pool_matches_pytorch(size, ceil_mode):
 
 @pytest.mark.parametrize("source, target", [((3, 5), (6, 10)), ((4, 7), (7, 13)), ((5, 3), (9, 6)), ((6, 6), (6, 6))])
 def test_nearest_resize_matches_pytorch(source, target):
-    torch = pytest.importorskip("torch")
+    torch = reference_import("torch")
     x = np.random.default_rng(0).standard_normal((1, 2, *source)).astype(np.float32)
     reference = torch.nn.functional.interpolate(torch.from_numpy(x), size=target, mode="nearest").numpy()
     ours = resize_nearest(jnp.asarray(x.transpose(0, 2, 3, 1)), *target)
@@ -137,7 +139,7 @@ def _parameter_count(model: nnx.Module) -> int:
 
 @pytest.mark.parametrize("encoder, attention", [("resnet50", None), ("se_resnext50_32x4d", None), ("resnet50", "scse")])
 def test_parameter_count_equals_smp(encoder, attention):
-    smp = pytest.importorskip("segmentation_models_pytorch")
+    smp = reference_import("segmentation_models_pytorch")
     reference = smp.Unet(encoder, encoder_weights=None, classes=1, decoder_attention_type=attention)
     expected = sum(p.numel() for p in reference.parameters())
     if attention:  # smp also builds attention1 for its skip-less last block but never calls it

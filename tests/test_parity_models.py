@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
-smp = pytest.importorskip("segmentation_models_pytorch")
+from tests.conftest import reference_import
+
+torch = reference_import("torch")
+torchvision = reference_import("torchvision")
+timm = reference_import("timm")
+smp = reference_import("segmentation_models_pytorch")
 
 from tests.parity_utils import Case, calibrate_batchnorm, report, run_case  # noqa: E402
 

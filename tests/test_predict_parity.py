@@ -13,9 +13,10 @@ from siim_jax.postprocess import PostProcess
 from siim_jax.predict import validation_preprocess
 
 from . import dicom_factory as factory
+from .conftest import reference_import
 
-torch = pytest.importorskip("torch")
-smp = pytest.importorskip("segmentation_models_pytorch")
+torch = reference_import("torch")
+smp = reference_import("segmentation_models_pytorch")
 
 MODEL_SIZE = 64
 DECODER_CHANNELS = (32, 16, 16, 8, 8)

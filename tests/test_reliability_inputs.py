@@ -36,6 +36,7 @@ from tests.bad_inputs import (
     label_file,
     write_tree,
 )
+from tests.conftest import reference_import
 from tests.tiny_model import build_tiny_model
 
 DEMO_CONFIG = "demo"
@@ -291,7 +292,7 @@ class _Payload:
 
 
 def test_pytorch_checkpoints_are_loaded_as_weights_only(tmp_path):
-    import torch
+    torch = reference_import("torch")
 
     from siim_jax.convert import load_state_dict
 

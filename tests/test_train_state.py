@@ -7,13 +7,15 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 from flax import nnx
 
 from siim_jax import losses, optim, sharding
 from siim_jax.configs import defaults
 from siim_jax.train_state import create_train_state, make_train_step
+from tests.conftest import reference_import
 from tests.tiny_model import TinySegmenter, random_batch
+
+torch = reference_import("torch")
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
