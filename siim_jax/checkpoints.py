@@ -16,7 +16,6 @@ holds more than `keep_best` checkpoints (orbax's BestN keeps everything up to th
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import grain
@@ -172,7 +171,7 @@ def _mean(trees: list):
 def restore_for_inference(
     path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0
 ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-    """(model in eval mode, config) from a training workdir, its checkpoints dir, or a `model_io` model dir.
+    """(model, config) from a training workdir, its checkpoints dir, or a `model_io` model dir.
 
     From training checkpoints: the latest step, or `step`, or the best class-gated validation Dice (`best`), or the
     parameters and batch statistics averaged over the `average_top` best steps. The weights are the EMA ones
@@ -198,19 +197,14 @@ def restore_for_inference(
         weights = _mean([checkpoints.restore_weights(s, target) for s in steps])
     log.info("restored %s step(s) %s%s", checkpoints.directory, steps, " (EMA weights)" if use_ema else "")
     model = nnx.merge(graph, weights["ema_params" if use_ema else "params"], weights["batch_stats"], rest)
-    model.eval()
     return model, config
 
 
 def load_initial_weights(model: nnx.Module, path: str | Path) -> None:
     """`config.model.init_from`: a `model_io` directory, or a training run whose best step is taken.
 
-    Either way `model_io.load_into` does the loading, with its checks that the networks match.
+    Either way `model_io.copy_weights` does the copying, with its checks that the networks match.
     """
-    if (Path(path) / model_io.CONFIG_FILE).is_file():
-        model_io.load_into(model, path)
-        return
-    trained, config = restore_for_inference(path, best=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        model_io.save_model(Path(scratch) / "model", trained, config.model)
-        model_io.load_into(model, Path(scratch) / "model")
+    best = not (Path(path) / model_io.CONFIG_FILE).is_file()
+    trained, _ = restore_for_inference(path, best=best)
+    model_io.copy_weights(trained, model, path)

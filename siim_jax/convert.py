@@ -298,16 +298,16 @@ def convert_with_config(
     model_config, rules, state_dict = conversion_plan(load_state_dict(src), source, arch)
     model = build_unfilled(model_config)
     load_into_model(model, state_dict, rules)
-    model.eval()
     return model, model_config
 
 
 def convert(src: str | Path | Mapping[str, Any], source: str = "smp", arch: str = "unet_resnet50") -> nnx.Module:
-    """A Flax model in eval mode holding the weights of `src` (a path or an in-memory state dict).
+    """A Flax model holding the weights of `src` (a path or an in-memory state dict), the kind training builds.
 
-    For `unet_*` archs, `model(x)` (x float32 NHWC) returns mask logits (N, H, W, classes), or
-    `(mask_logits, class_logits)` when the checkpoint has smp's classification head; SCSE, classes and decoder
-    widths are read from the state dict. Encoder archs return the five feature maps (strides 2 to 32).
+    For `unet_*` archs, `model(x, train=False)` (x float32 NHWC) returns `SegOutput(mask_logits (N, H, W,
+    classes), class_logits)`, class_logits None unless the checkpoint has smp's classification head; SCSE,
+    classes and decoder widths are read from the state dict. Encoder archs return the five feature maps
+    (strides 2 to 32).
     """
     return convert_with_config(src, source, arch)[0]
 

@@ -51,13 +51,12 @@ def read_model_config(path: str | Path) -> ml_collections.ConfigDict:
 
 
 def load_model(path: str | Path) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-    """The model saved at `path` (eval mode) and its config."""
+    """The model saved at `path` and its config."""
     path = Path(path).absolute()
     model_config = read_model_config(path)
     model = build_unfilled(model_config)
     with ocp.StandardCheckpointer() as checkpointer:
         _assign(model, checkpointer.restore(path / STATE_DIR, _pure_state(model)))
-    model.eval()
     return model, model_config
 
 
@@ -65,13 +64,12 @@ def _encoder_of(module: nnx.Module) -> ResNetEncoder:
     return module.encoder if isinstance(module, UNet) else module
 
 
-def load_into(model: nnx.Module, path: str | Path) -> None:
-    """Overwrite `model`'s parameters and batch statistics with the checkpoint's (training's `init_from`).
+def copy_weights(loaded: nnx.Module, model: nnx.Module, path: str | Path) -> None:
+    """Overwrite `model`'s parameters and batch statistics with `loaded`'s, read from `path` (training's `init_from`).
 
-    An encoder-only checkpoint (converted ImageNet weights) fills a UNet's encoder and leaves its decoder and heads
+    An encoder-only `loaded` (converted ImageNet weights) fills a UNet's encoder and leaves its decoder and heads
     as initialised. Encoders must be the same network; every array must match in shape.
     """
-    loaded, _ = load_model(path)
     target = _encoder_of(model) if isinstance(loaded, ResNetEncoder) else model
     theirs, ours = _encoder_of(loaded).encoder_name, _encoder_of(target).encoder_name
     if theirs != ours:

@@ -152,7 +152,7 @@ class StopSignals:
 
 
 def init_model(model_config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
-    """The model in training mode, randomly initialised from `seed`, then loaded from `init_from` if set.
+    """The model randomly initialised from `seed`, then loaded from `init_from` if set.
 
     Initialisation is one jitted program drawing from an 'rbg' key: op-by-op init, and threefry's hash rounds
     over millions of weights, take minutes to compile on CPU.
@@ -165,7 +165,6 @@ def init_model(model_config: ml_collections.ConfigDict, seed: int) -> nnx.Module
 
     weights = jax.jit(initial_weights)()
     nnx.update(model, weights)
-    model.train()
     if model_config.init_from:
         load_initial_weights(model, model_config.init_from)
     return model

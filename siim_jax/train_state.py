@@ -1,6 +1,6 @@
 """The train state pytree and the jitted train and eval steps over it.
 
-The nnx model is split once into static graph definitions and array state; the steps are plain `jax.jit`
+The nnx model is split once into its static graph definition and array state; the steps are plain `jax.jit`
 functions that `nnx.merge` the model inside, so each call costs no graph traversal in Python.
 """
 
@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siim_jax import metrics as metrics_lib
 from siim_jax import sharding as sharding_lib
+from siim_jax.models import SegOutput
 from siim_jax.optim import PlateauState, with_learning_rate
 
 TRAIN_INPUTS = ("image", "mask", "positive")  # the batch entries a train step reads
@@ -42,33 +43,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
-    """The static halves of an nnx model in training and evaluation mode, and its dropout RNG streams."""
+    """The static half of an nnx model and its dropout RNG streams."""
 
-    train_graph: nnx.GraphDef
-    eval_graph: nnx.GraphDef
+    graph: nnx.GraphDef
     rng_template: nnx.State  # RngKey / RngCount variables; reseeded in every call
     rng_streams: tuple[str, ...]
 
     @classmethod
     def split(cls, model: nnx.Module) -> tuple[ModelDef, nnx.State, nnx.State]:
-        """(ModelDef, params, batch_stats) of `model`; the model is left in training mode."""
-        model.eval()
-        eval_graph = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
-        model.train()
-        train_graph, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        """(ModelDef, params, batch_stats) of `model`."""
+        graph, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         streams = sorted({variable.tag for _, variable in nnx.to_flat_state(rng_template) if isinstance(variable, nnx.RngKey)})
-        return cls(train_graph, eval_graph, rng_template, tuple(streams)), params, batch_stats
+        return cls(graph, rng_template, tuple(streams)), params, batch_stats
 
-    def apply(self, params, batch_stats, images, *, train: bool, dropout_key=None):
-        """((mask_logits, class_logits or None), batch_stats after the call)."""
+    def apply(self, params, batch_stats, images, *, train: bool, dropout_key=None) -> tuple[SegOutput, nnx.State]:
+        """(the model's `SegOutput`, batch_stats after the call: updated when `train`)."""
         # Fresh variables: nnx refuses to update a variable created outside the current trace (a scan, a grad).
         batch_stats, rng_state = jax.tree.map(jnp.asarray, (batch_stats, self.rng_template))
-        model = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats, rng_state)
+        model = nnx.merge(self.graph, params, batch_stats, rng_state)
         if train and self.rng_streams:
             nnx.reseed(model, **{name: jax.random.fold_in(dropout_key, i) for i, name in enumerate(self.rng_streams)})
-        outputs = model(images)
-        mask_logits, class_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
-        return (mask_logits, class_logits), nnx.state(model, nnx.BatchStat)
+        return model(images, train=train), nnx.state(model, nnx.BatchStat)
 
 
 def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int, ema: bool):

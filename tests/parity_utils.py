@@ -98,7 +98,9 @@ class Case:
 
 
 def _as_list(outputs) -> list:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    """Our model's outputs in the reference's order: an encoder's features, or a `SegOutput`'s logits (the mask
+    logits alone without a classification head)."""
+    return [output for output in outputs if output is not None]
 
 
 def _numpy(tensors) -> list[np.ndarray]:
@@ -151,9 +153,8 @@ class CaseRun:
     def eval_difference(self) -> float:
         """Our float32 eval-mode outputs."""
         model = self.flax_model("float32")
-        model.eval()
         x = jnp.asarray(nchw_to_nhwc(self.inputs[0]), jnp.float32)
-        ours = _as_list(jax.jit(lambda m, x: m(x))(model, x))
+        ours = _as_list(jax.jit(lambda m, x: m(x, train=False))(model, x))
         return worst_output_difference(ours, self.reference_eval_outputs)
 
     @functools.cached_property
@@ -191,7 +192,6 @@ class CaseRun:
     def _flax_training(self, weights) -> dict:
         """The same steps through a plain `jax.jit` over `nnx.split` state, as training runs them."""
         model = self.flax_model("float64")
-        model.train()
         graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         optimizer = optax.adam(LEARNING_RATE)
         nhwc_weights = [jnp.asarray(nchw_to_nhwc(w)) for w in weights]
@@ -202,7 +202,7 @@ class CaseRun:
             # update statistics that belong to the current trace.
             def loss_fn(params, batch_stats):
                 module = nnx.merge(graphdef, params, batch_stats, rest, copy=True)
-                outputs = _as_list(module(x))
+                outputs = _as_list(module(x, train=True))
                 loss = sum((out * w).mean() for out, w in zip(outputs, nhwc_weights))
                 return loss, (outputs, nnx.state(module, nnx.BatchStat))
 

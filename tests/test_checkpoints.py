@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -125,7 +126,8 @@ def test_restore_for_inference_from_a_training_run(tmp_path):
     save_unet_run(tmp_path, ema=False)
     latest, config = restore_for_inference(tmp_path)
     assert (first_param(latest), first_batch_stat(latest)) == (30.0, 30.0)
-    assert latest.encoder.bn1.use_running_average  # eval mode
+    nnx.jit(lambda model, x: model(x, train=False))(latest, jnp.ones((1, 32, 32, 3)))
+    assert first_batch_stat(latest) == 30.0  # inference normalises with the running statistics, leaving them
     assert config.model.encoder == "resnet18" and config.train.keep_best == 3
     assert first_param(restore_for_inference(tmp_path / "checkpoints", step=10)[0]) == 10.0
     assert first_param(restore_for_inference(tmp_path, best=True)[0]) == 20.0

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 from siim_jax import convert as convert_module
+from siim_jax.checkpoints import load_initial_weights
 from siim_jax.configs.defaults import default_model_config
 from siim_jax.convert import ConversionError, convert, convert_with_config
-from siim_jax.model_io import load_into, load_model, save_model
+from siim_jax.model_io import load_model, save_model
 from siim_jax.models import build_model, build_unfilled
 
 from .conftest import reference_import
@@ -61,18 +62,19 @@ def test_options_are_read_from_the_state_dict():
     model, config = convert_with_config(state, source="smp", arch="unet_resnet18")
     assert (config.attention, config.cls_head, config.classes) == ("scse", False, 3)
     assert tuple(config.decoder_channels) == (64, 32, 32, 16, 16)
-    assert model(jnp.asarray(X)).shape == (1, 64, 96, 3)
+    output = model(jnp.asarray(X), train=False)
+    assert output.mask_logits.shape == (1, 64, 96, 3) and output.class_logits is None
 
 
 def test_classification_head_gives_mask_and_class_logits(unet_state):
-    masks, labels = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X))
+    masks, labels = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X), train=False)
     assert masks.shape == (1, 64, 96, 1) and labels.shape == (1, 1)
 
 
 def test_imagenet_classifiers_are_dropped():
     torchvision = reference_import("torchvision")
     state = torchvision.models.resnet18().state_dict()  # with fc
-    features = convert(state, source="torchvision", arch="resnet18")(jnp.asarray(X))
+    features = convert(state, source="torchvision", arch="resnet18")(jnp.asarray(X), train=False)
     assert [f.shape[-1] for f in features] == [64, 64, 128, 256, 512]
     cadene = smp.encoders.get_encoder("se_resnext50_32x4d", weights=None).state_dict()
     cadene |= {"last_linear.weight": torch.zeros(1000, 2048), "last_linear.bias": torch.zeros(1000)}
@@ -102,12 +104,12 @@ def test_impossible_source_and_arch_pairs_are_refused(unet_state, source, arch):
 
 def test_files_pth_wrapped_and_safetensors(unet_state, tmp_path):
     safetensors_numpy = reference_import("safetensors.numpy")
-    reference = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X))[0]
+    reference = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X), train=False).mask_logits
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in unet_state.items()}}
     torch.save(wrapped, tmp_path / "training.pth")
     safetensors_numpy.save_file(unet_state, str(tmp_path / "model.safetensors"))
     for name in ("training.pth", "model.safetensors"):
-        masks = convert(tmp_path / name, source="smp", arch="unet_resnet18")(jnp.asarray(X))[0]
+        masks = convert(tmp_path / name, source="smp", arch="unet_resnet18")(jnp.asarray(X), train=False).mask_logits
         np.testing.assert_array_equal(masks, reference)
 
 
@@ -121,8 +123,8 @@ def test_cli_writes_a_checkpoint_that_loads(unet_state, tmp_path):
     assert convert_module.run(args) == 0
     model, config = load_model(tmp_path / "out")
     assert (config.encoder, config.cls_head) == ("resnet18", True)
-    expected = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X))
-    for ours, reference in zip(model(jnp.asarray(X)), expected):
+    expected = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X), train=False)
+    for ours, reference in zip(model(jnp.asarray(X), train=False), expected):
         np.testing.assert_array_equal(ours, reference)
 
 
@@ -133,7 +135,7 @@ def test_encoder_checkpoint_initialises_a_unets_encoder(unet_state, tmp_path):
     config.update(encoder="resnet18", attention="scse")
     model = build_model(config)
     decoder_before = jax.tree.map(np.asarray, nnx.state(model.decoder))
-    load_into(model, tmp_path / "encoder")
+    load_initial_weights(model, tmp_path / "encoder")
     for ours, reference in zip(jax.tree.leaves(nnx.state(model.encoder)), jax.tree.leaves(nnx.state(encoder))):
         np.testing.assert_array_equal(ours, reference)
     for after, before in zip(jax.tree.leaves(nnx.state(model.decoder)), jax.tree.leaves(decoder_before)):
@@ -147,7 +149,7 @@ def test_checkpoint_of_another_encoder_is_refused(unet_state, tmp_path):
     other_config.encoder = "resnet34"
     other = build_unfilled(other_config)
     with pytest.raises(ValueError, match="resnet18"):
-        load_into(other, tmp_path / "unet")
+        load_initial_weights(other, tmp_path / "unet")
 
 
 def test_siim_jax_never_imports_torch():

@@ -26,14 +26,12 @@ def _config(**overrides):
 
 @jax.jit
 def _forward(model, x):
-    return model(x)
+    return model(x, train=False)
 
 
 @pytest.fixture(scope="module")
 def small_unet() -> UNet:
-    model = build_model(_config(**SMALL))
-    model.eval()
-    return model
+    return build_model(_config(**SMALL))
 
 
 def test_unet_returns_float32_mask_and_class_logits_at_any_input_size(small_unet):
@@ -44,10 +42,9 @@ def test_unet_returns_float32_mask_and_class_logits_at_any_input_size(small_unet
 
 def test_unet_without_classification_head_returns_masks_only():
     model = build_unfilled(_config(encoder="resnet18", cls_head=False))
-    model.eval()
     assert model.classification_head is None
     shapes = jax.eval_shape(_forward, model, jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32))
-    assert shapes.shape == (1, 64, 96, 1)
+    assert shapes.mask_logits.shape == (1, 64, 96, 1) and shapes.class_logits is None
 
 
 @pytest.mark.parametrize(
@@ -55,7 +52,6 @@ def test_unet_without_classification_head_returns_masks_only():
 )
 def test_encoders_give_five_features_at_strides_2_to_32(name):
     encoder = build_unfilled(_config(encoder=name, encoder_only=True))
-    encoder.eval()
     features = jax.eval_shape(_forward, encoder, jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32))
     assert [f.shape[1:3] for f in features] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
     assert tuple(f.shape[-1] for f in features) == encoder.out_channels
@@ -65,7 +61,6 @@ def test_encoders_give_five_features_at_strides_2_to_32(name):
 def bfloat16_unet(small_unet) -> UNet:
     model = build_unfilled(_config(**SMALL, dtype="bfloat16"))
     nnx.update(model, nnx.state(small_unet, (nnx.Param, nnx.BatchStat)))
-    model.eval()
     return model
 
 
@@ -81,8 +76,7 @@ def test_bfloat16_training_keeps_float32_parameters_and_statistics(bfloat16_unet
 
     def train_forward(state, x):
         model = nnx.merge(graphdef, state, copy=True)
-        model.train()
-        model(x)
+        model(x, train=True)
         return nnx.state(model, (nnx.Param, nnx.BatchStat))
 
     updated = jax.eval_shape(train_forward, state, jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32))
@@ -92,7 +86,7 @@ def test_bfloat16_training_keeps_float32_parameters_and_statistics(bfloat16_unet
 def test_batchnorm_keeps_pytorchs_unbiased_running_variance():
     norm = BatchNorm(3, dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, 3)) * 2 + 1
-    norm(x)
+    norm(x, use_running_average=False)
     flat = np.asarray(x).reshape(-1, 3)
     np.testing.assert_allclose(norm.mean[...], 0.1 * flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(norm.var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
@@ -125,7 +119,7 @@ def test_remat_changes_neither_gradients_nor_batchnorm_updates():
 
     def loss_and_stats(params, remat):
         module = nnx.merge(graphdef, params, stats, copy=True)
-        y = call(module, x, skip, remat=remat)
+        y = call(module, x, skip, train=True, remat=remat)
         return jnp.mean(jnp.sin(y)), nnx.state(module, nnx.BatchStat)
 
     results = [jax.jit(jax.grad(loss_and_stats, has_aux=True), static_argnums=1)(params, r) for r in (False, True)]

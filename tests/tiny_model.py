@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from siim_jax.models import SegOutput
 from siim_jax.models.layers import BatchNorm
 
 
@@ -25,11 +26,11 @@ class TinySegmenter(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.fc = nnx.Linear(8, 1, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, train: bool) -> SegOutput:
         h = self.conv1(x)
-        h = jax.nn.relu(h if self.bn is None else self.bn(h))
-        pooled = self.dropout(h.mean(axis=(1, 2)))
-        return self.conv2(h), self.fc(pooled)
+        h = jax.nn.relu(h if self.bn is None else self.bn(h, use_running_average=not train))
+        pooled = self.dropout(h.mean(axis=(1, 2)), deterministic=not train)
+        return SegOutput(self.conv2(h), self.fc(pooled))
 
 
 def build_tiny_model(model_config=None, rngs: nnx.Rngs | None = None) -> TinySegmenter:

@@ -8,9 +8,9 @@ import ml_collections
 from flax import nnx
 
 from siim_jax.models.resnet import ENCODERS, ResNetEncoder
-from siim_jax.models.unet import UNet
+from siim_jax.models.unet import SegOutput, UNet
 
-__all__ = ["ENCODERS", "ResNetEncoder", "UNet", "build_model", "build_unfilled"]
+__all__ = ["ENCODERS", "ResNetEncoder", "SegOutput", "UNet", "build_model", "build_unfilled"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: parity checks
 
@@ -22,7 +22,7 @@ def compute_dtype(name: str):
 
 
 def build_model(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """A randomly initialised UNet (or bare encoder) in training mode; call `.eval()` for inference."""
+    """A randomly initialised UNet (or bare encoder); each call says `train=True` or `train=False`."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     dtype = compute_dtype(model_config.dtype)
     if model_config.get("encoder_only", False):

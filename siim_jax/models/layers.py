@@ -55,7 +55,9 @@ class BatchNorm(nnx.Module):
 
     Batch statistics are computed in float32 (at least) whatever the compute dtype, with a two-pass variance;
     the running variance is updated with the unbiased batch variance as PyTorch does, so converted statistics
-    keep their meaning. `momentum` follows the Flax convention (0.9 here is PyTorch's 0.1).
+    keep their meaning. `momentum` follows the Flax convention (0.9 here is PyTorch's 0.1). As in
+    `nnx.BatchNorm`, each call says whether to normalise with the running statistics (inference) or with the
+    batch's own (training, which also updates the running ones).
     """
 
     def __init__(self, features: int, *, dtype: Any, momentum: float = 0.9, epsilon: float = 1e-5):
@@ -66,11 +68,10 @@ class BatchNorm(nnx.Module):
         self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
-        self.use_running_average = False
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
         wide = at_least_float32(x)
-        if self.use_running_average:
+        if use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))
@@ -92,8 +93,8 @@ class ConvBNReLU(nnx.Module):
         self.conv = conv(in_channels, out_channels, kernel_size, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
         self.bn = BatchNorm(out_channels, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(self.bn(self.conv(x)))
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
 
 
 def spatial_mean(x: jax.Array) -> jax.Array:
@@ -153,10 +154,12 @@ def resize_nearest(x: jax.Array, height: int, width: int) -> jax.Array:
     return x
 
 
-def _call(module: nnx.Module, *args):
-    return module(*args)
+def call(module: nnx.Module, *args, train: bool, remat: bool):
+    """`module(*args, train=train)`, recomputing its activations in the backward pass when `remat` is set."""
+    if not remat:
+        return module(*args, train=train)
 
+    def forward(module: nnx.Module, *args):  # `train` stays a Python bool, out of the traced arguments
+        return module(*args, train=train)
 
-def call(module: nnx.Module, *args, remat: bool):
-    """`module(*args)`, recomputing its activations in the backward pass when `remat` is set."""
-    return nnx.remat(_call)(module, *args) if remat else module(*args)
+    return nnx.remat(forward)(module, *args)

@@ -23,8 +23,8 @@ class Projection(nnx.Module):
         self.conv = conv(in_channels, out_channels, 1, stride=stride, dtype=dtype, rngs=rngs)
         self.bn = BatchNorm(out_channels, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.bn(self.conv(x))
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        return self.bn(self.conv(x), use_running_average=not train)
 
 
 class ResidualBlock(nnx.Module):
@@ -32,12 +32,12 @@ class ResidualBlock(nnx.Module):
 
     downsample: Projection | None
 
-    def branch(self, x: jax.Array) -> jax.Array:
+    def branch(self, x: jax.Array, *, train: bool) -> jax.Array:
         raise NotImplementedError
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return jax.nn.relu(self.branch(x) + shortcut)
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        shortcut = x if self.downsample is None else self.downsample(x, train=train)
+        return jax.nn.relu(self.branch(x, train=train) + shortcut)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,10 @@ class BasicBlock(ResidualBlock):
         self.bn2 = BatchNorm(planes, dtype=dtype)
         self.downsample = _projection_if_needed(in_channels, planes, stride, dtype=dtype, rngs=rngs)
 
-    def branch(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        return self.bn2(self.conv2(x))
+    def branch(self, x: jax.Array, *, train: bool) -> jax.Array:
+        use_running = not train
+        x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=use_running))
+        return self.bn2(self.conv2(x), use_running_average=use_running)
 
 
 class Bottleneck(ResidualBlock):
@@ -86,10 +87,11 @@ class Bottleneck(ResidualBlock):
         )
         self.downsample = _projection_if_needed(in_channels, out_channels, stride, dtype=dtype, rngs=rngs)
 
-    def branch(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.nn.relu(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))
+    def branch(self, x: jax.Array, *, train: bool) -> jax.Array:
+        use_running = not train
+        x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=use_running))
+        x = jax.nn.relu(self.bn2(self.conv2(x), use_running_average=use_running))
+        x = self.bn3(self.conv3(x), use_running_average=use_running)
         return x if self.se is None else self.se(x)
 
 
@@ -138,12 +140,12 @@ class ResNetEncoder(nnx.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.out_channels = (64,) + tuple(planes * spec.block.expansion for planes in (64, 128, 256, 512))
 
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
-        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+    def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
+        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), use_running_average=not train))
         features = [x]
         x = max_pool_3x3_s2(x, ceil_mode=self.ceil_mode_pool)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = call(block, x, remat=self.remat)
+                x = call(block, x, train=train, remat=self.remat)
             features.append(x)
         return features

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,13 @@ from siim_jax.models.layers import (
 from siim_jax.models.resnet import ResNetEncoder
 
 
+class SegOutput(NamedTuple):
+    """What a segmentation model returns, in training and in inference alike."""
+
+    mask_logits: jax.Array  # (N, H, W, classes), float32 at least
+    class_logits: jax.Array | None  # (N, classes); None without a classification head
+
+
 class DecoderBlock(nnx.Module):
     """[concat skip → SCSE] → Conv3x3-BN-ReLU twice → [SCSE], on an already upsampled input."""
 
@@ -32,12 +39,12 @@ class DecoderBlock(nnx.Module):
         self.conv2 = ConvBNReLU(out_channels, out_channels, 3, kernel_init=DECODER_INIT, dtype=dtype, rngs=rngs)
         self.attention2 = SCSE(out_channels, dtype=dtype, rngs=rngs) if attention else None
 
-    def __call__(self, x: jax.Array, skip: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, skip: jax.Array | None, *, train: bool) -> jax.Array:
         if skip is not None:
             x = jnp.concatenate([x, skip], axis=-1)
             if self.attention1 is not None:
                 x = self.attention1(x)
-        x = self.conv2(self.conv1(x))
+        x = self.conv2(self.conv1(x, train=train), train=train)
         return x if self.attention2 is None else self.attention2(x)
 
 
@@ -48,13 +55,16 @@ class ClassificationHead(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.fc = nnx.Linear(in_channels, classes, kernel_init=HEAD_INIT, param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         pooled = jnp.mean(at_least_float32(x), axis=(1, 2))
-        return self.fc(self.dropout(pooled))
+        return self.fc(self.dropout(pooled, deterministic=not train))
 
 
 class UNet(nnx.Module):
-    """`model(x)`, x NHWC → mask logits (N, H, W, classes) float32, or (mask logits, class logits (N, classes))."""
+    """`model(x, train=...)`, x NHWC → `SegOutput(mask logits (N, H, W, classes), class logits (N, classes) or None)`.
+
+    `train` selects batch statistics (updating the running ones) and active dropout; inference passes False.
+    """
 
     def __init__(
         self,
@@ -90,15 +100,15 @@ class UNet(nnx.Module):
         )
         self.remat = remat
 
-    def __call__(self, x: jax.Array):
-        features = self.encoder(x)
+    def __call__(self, x: jax.Array, *, train: bool) -> SegOutput:
+        features = self.encoder(x, train=train)
         # Each block upsamples to its skip's size; the last one has no skip and upsamples to the input's.
         skips = features[-2::-1] + [None]
         targets = [f.shape[1:3] for f in features[-2::-1]] + [x.shape[1:3]]
         y = features[-1]
         for block, skip, target in zip(self.decoder, skips, targets):
-            y = call(block, resize_nearest(y, *target), skip, remat=self.remat)
+            y = call(block, resize_nearest(y, *target), skip, train=train, remat=self.remat)
         masks = at_least_float32(self.segmentation_head(y))
         if self.classification_head is None:
-            return masks
-        return masks, self.classification_head(features[-1])
+            return SegOutput(masks, None)
+        return SegOutput(masks, self.classification_head(features[-1], train=train))
