@@ -23,7 +23,7 @@ from siim_jax.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRA
 from siim_jax.evaluate import evaluate_images, format_summary, labelled_frame, summarize
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
-from siim_jax.predict import add_model_arguments, load_inference, overlay_sample, predict_submission, submission_items
+from siim_jax.predict import Inference, overlay_sample, predict_submission, submission_items
 from siim_jax.tune import format_table, predict_fold, tune
 
 DEMO_CONFIG = "demo"  # siim_jax/configs/demo.py
@@ -46,16 +46,14 @@ def ensure_dataset(data_dir: Path, n_train: int, n_test: int, seed: int, mask_so
     return data_dir
 
 
-def inference_for(train_dir: Path):
+def inference_for(train_dir: Path) -> Inference:
     """The final weights of the training, with predict's default options (hflip TTA on).
 
     Not `--best`: the best-k ranking scores masks at a bare 0.5 threshold, before the post-processing tuned
     next, which can favour an early model that predicts almost nothing; the cosine schedule's final weights are
     the converged ones.
     """
-    parser = argparse.ArgumentParser()
-    add_model_arguments(parser)
-    return load_inference(parser.parse_args(["--checkpoint", str(train_dir), "--batch-size", "16"]))
+    return Inference.from_checkpoint(train_dir, batch_size=16)
 
 
 def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None, config=None) -> dict:
@@ -76,7 +74,7 @@ def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: s
     if training["stopped_by"]:
         raise SystemExit(f"training stopped by {training['stopped_by']}; run the demo again to continue")
 
-    inference, _ = inference_for(train_dir)
+    inference = inference_for(train_dir)
     frame = labelled_frame(data_dir / TRAIN_DIR, data_dir / TRAIN_CSV, int(config.data.fold), config.data)
     results = tune(predict_fold(inference, frame))
     postprocess = results[0][0]

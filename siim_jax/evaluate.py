@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pandas as pd
 
@@ -23,10 +24,11 @@ from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
 from siim_jax.predict import (
     Inference,
+    Item,
     Prediction,
     add_model_arguments,
     add_overlay_arguments,
-    load_inference,
+    inference_from_args,
     overlay_sample,
 )
 
@@ -61,12 +63,12 @@ def labelled_frame(dicom_dir, labels_csv, fold: int | None, data_config=None) ->
     return frame.reset_index(drop=True)
 
 
-def frame_items(frame: pd.DataFrame) -> list[tuple[str, str]]:
+def frame_items(frame: pd.DataFrame) -> list[Item]:
     """The (ImageId, path) items of an index frame, as `Inference.predictions` takes them."""
     return list(zip(frame["image_id"], frame["path"]))
 
 
-def resolve_labelled_data(args: argparse.Namespace, config) -> tuple[Path, Path, object]:
+def resolve_labelled_data(args: argparse.Namespace, config: ml_collections.ConfigDict) -> tuple[Path, Path, object]:
     """(DICOM folder, label CSV, data config or None) from the flags, else from the training config."""
     data_config = config.data if "data" in config else None
     if args.data and args.labels:
@@ -89,22 +91,26 @@ def positive_score(prediction: Prediction) -> float:
 
 
 def evaluate_images(
-    inference: Inference, frame: pd.DataFrame, postprocess: PostProcess = PostProcess(), overlays=None
+    inference: Inference,
+    frame: pd.DataFrame,
+    postprocess: PostProcess = PostProcess(),
+    overlays: OverlayWriter | None = None,
 ) -> pd.DataFrame:
     """Per-image results (columns PER_IMAGE_COLUMNS) of the frame's images, in its order."""
     rows = []
     for prediction in inference.predictions(frame_items(frame), desc="evaluate"):
-        image, score = prediction.image, positive_score(prediction)
-        label_row = frame.iloc[image.index]
+        image_id, score = prediction.image_id, positive_score(prediction)
+        label_row = frame.iloc[prediction.index]
         mask = prediction.mask(postprocess)
         if mask is None:  # unreadable: an empty prediction; the truth's area comes from the label rows
-            rows.append((image.image_id, 0, 0, int(label_row["area"]), score))
+            rows.append((image_id, 0, 0, int(label_row["area"]), score))
             continue
-        truth = merged_mask(label_row, image.pixels.shape)
+        truth = merged_mask(label_row, prediction.original_size)
         areas = (int(np.count_nonzero(mask & truth)), int(mask.sum()), int(truth.sum()))
-        rows.append((image.image_id, *areas, score))
+        rows.append((image_id, *areas, score))
         if overlays is not None:
-            overlays.add(image.index, image.image_id, image.pixels, mask, truth, float(dice_from_areas(*areas)))
+            dice = float(dice_from_areas(*areas))
+            overlays.add(prediction.index, image_id, prediction.pixels(), mask, truth, dice)
     return per_image_table(rows)
 
 
@@ -147,8 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     postprocess = PostProcess.from_json(args.postprocess) if args.postprocess else PostProcess()
-    inference, config = load_inference(args)
-    dicom_dir, labels, data_config = resolve_labelled_data(args, config)
+    inference = inference_from_args(args)
+    dicom_dir, labels, data_config = resolve_labelled_data(args, inference.config)
     frame = labelled_frame(dicom_dir, labels, args.fold, data_config)
     overlays = None
     if args.overlays:

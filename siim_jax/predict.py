@@ -2,45 +2,48 @@
 
     siim-jax predict --checkpoint DIR [--step N | --best | --average-top K] --data DICOM_DIR --out submission.csv
 
-Images are decoded and preprocessed on host threads (the validation preprocessing of the training pipeline),
-batched at a fixed size, and run by one jitted function sharded along the batch over all devices, with
-horizontal-flip TTA. Probabilities are resized back to each image's original size (bilinear, in float),
-post-processed and encoded in the challenge's relative RLE. The submission has exactly one row per image, `-1`
-for empty ones, and appears atomically. A missing or unreadable DICOM becomes a `-1` row and a warning naming
-it (`--on-error empty`, the default) or stops the run (`--on-error fail`).
+In Python, `Inference.from_checkpoint(path, best=True).predictions(items)` gives the same predictions.
+
+Images are read through the grain pipeline that validates during training (`pipeline.test_batches`: decoded,
+resized and normalised as validation images are, with each image's original size), batched at a fixed size,
+and run by one jitted function sharded along the batch over all devices, with horizontal-flip TTA.
+Probabilities are resized back to each image's original size (bilinear, in float), post-processed and encoded
+in the challenge's relative RLE. The submission has exactly one row per image, `-1` for empty ones, and appears
+atomically, synced to disk. A missing or unreadable DICOM becomes a `-1` row and a warning naming it
+(`--on-error empty`, the default) or stops the run (`--on-error fail`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pandas as pd
 from flax import nnx
 from tqdm.auto import tqdm
 
 from siim_jax import sharding as sharding_lib
-from siim_jax.data import rle
-from siim_jax.data.augment import normalise, resize_pair
+from siim_jax.data import pipeline, rle
 from siim_jax.data.dicom import DicomError, read_dicom
 from siim_jax.data.labels import ENCODED_PIXELS, IMAGE_ID, find_dicoms, read_image_ids
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
 
 ON_ERROR = ("empty", "fail")
-Preprocess = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W) radiograph → float32 (S, S, 3) model input
+Item = tuple[str, str | None]  # (ImageId, DICOM path or None when no file has that id)
 
 
 class UnreadableImageWarning(UserWarning):
@@ -58,12 +61,11 @@ def predict_probabilities(model: nnx.Module, images: jax.Array, tta_hflip: bool 
     """Mask probabilities (N, H, W) float32 and class probabilities (N,) (None without a class head).
 
     With `tta_hflip`, sigmoid outputs on the images and on their mirror images (mirrored back) are averaged.
-    The model must be in eval mode; images are NHWC as the model takes them.
+    Images are NHWC as the model takes them.
     """
     if tta_hflip:
         images = jnp.concatenate([images, images[:, :, ::-1]], axis=0)
-    outputs = model(images)
-    mask_logits, class_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+    mask_logits, class_logits = model(images, train=False)
     probs = jax.nn.sigmoid(mask_logits[..., 0].astype(jnp.float32))
     class_probs = None if class_logits is None else jax.nn.sigmoid(class_logits[:, 0].astype(jnp.float32))
     if tta_hflip:
@@ -78,8 +80,7 @@ def _forward(graphdef, state, images, tta_hflip):
 
 
 class Predictor:
-    """`predict_probabilities` jitted once for a fixed batch, sharded along the batch over all devices; the model
-    is put in eval mode.
+    """`predict_probabilities` jitted once for a fixed batch, sharded along the batch over all devices.
 
     The batch size is rounded up to a multiple of the device count; shorter batches are zero-padded, so every
     call reuses the one compiled function. `dispatch` returns at once (JAX runs asynchronously) and `fetch`
@@ -87,7 +88,6 @@ class Predictor:
     """
 
     def __init__(self, model: nnx.Module, batch_size: int = 8, tta_hflip: bool = True):
-        model.eval()
         graphdef, state = nnx.split(model)
         mesh = sharding_lib.data_mesh()
         self.batch_size = math.ceil(batch_size / mesh.size) * mesh.size
@@ -99,9 +99,11 @@ class Predictor:
         count = len(images)
         if not 0 < count <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} images, got {count}")
-        padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
-        padded[:count] = images
-        return self._forward(self._state, jax.device_put(padded, self._batch_sharding)), count
+        if count < self.batch_size:
+            padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
+            padded[:count] = images
+            images = padded
+        return self._forward(self._state, jax.device_put(images, self._batch_sharding)), count
 
     @staticmethod
     def fetch(dispatched) -> tuple[np.ndarray, np.ndarray | None]:
@@ -116,33 +118,16 @@ class Predictor:
 # ---------------------------------------------------------------------------------------------------- host side
 
 
-def validation_preprocess(pixels: np.ndarray, image_size: int) -> np.ndarray:
-    """The training pipeline's validation transform: bilinear resize, ImageNet normalisation, grey → 3 channels."""
-    return normalise(resize_pair(pixels, None, image_size)[0])
-
-
-@dataclasses.dataclass
-class LoadedImage:
-    """One image to predict: its decoded pixels and model input, or the reason it could not be read."""
-
-    index: int
-    image_id: str
-    pixels: np.ndarray | None = None  # uint8 (H, W) at the original size
-    model_input: np.ndarray | None = None
-    error: str | None = None
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Prediction:
-    """The model's output for one image at the model's resolution (`prob` None when the image was unreadable)."""
+    """The model's output for one image at the model's resolution; `prob` is None when the image was unreadable."""
 
-    image: LoadedImage
+    index: int  # position among the predicted items
+    image_id: str
+    path: str | None
     prob: np.ndarray | None
     class_prob: float | None
-
-    @property
-    def original_size(self) -> tuple[int, int]:
-        return self.image.pixels.shape
+    original_size: tuple[int, int] | None  # (height, width); None when unreadable
 
     def prob_at_original_size(self) -> np.ndarray:
         height, width = self.original_size
@@ -156,109 +141,121 @@ class Prediction:
             return None
         return postprocess.apply(self.prob_at_original_size(), self.class_prob)
 
+    def pixels(self) -> np.ndarray:
+        """The radiograph at its original size, read again (for overlays; the pipeline keeps only the model input)."""
+        return read_dicom(self.path).pixels
 
-def _load(index: int, image_id: str, path: str | None, preprocess: Preprocess, on_error: str) -> LoadedImage:
+
+def unreadable_reason(image_id: str, path: str | None) -> DicomError:
+    """Why an image the pipeline marked invalid could not be read: reading it again raises the reason."""
+    if path is None:
+        return DicomError(f"<{image_id}.dcm>", "no DICOM file with this ImageId in the data folder")
     try:
-        if path is None:
-            raise DicomError(f"<{image_id}.dcm>", "no DICOM file with this ImageId in the data folder")
-        pixels = read_dicom(path).pixels
-    except DicomError as exc:
-        if on_error == "fail":
-            raise
-        return LoadedImage(index, image_id, error=str(exc))
-    return LoadedImage(index, image_id, pixels, np.asarray(preprocess(pixels), np.float32))
-
-
-def _bounded_map(function: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
-    """map(function, items) in order on `workers` threads, never more than `ahead` results pending."""
-    if workers <= 1:
-        yield from map(function, items)
-        return
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def load_images(
-    items: Sequence[tuple[str, str | None]], preprocess: Preprocess, on_error: str = "empty", workers: int = 2
-) -> Iterator[LoadedImage]:
-    """Reads (ImageId, path or None) items in order; unreadable ones carry `error` and warn (`on_error='empty'`)
-    or raise `DicomError` (`on_error='fail'`)."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    load = functools.partial(_load, preprocess=preprocess, on_error=on_error)
-    jobs = ((index, image_id, path) for index, (image_id, path) in enumerate(items))
-    for image in _bounded_map(lambda job: load(*job), jobs, workers, ahead=4 * max(workers, 1)):
-        if image.error is not None:
-            warnings.warn(f"ImageId {image.image_id} predicted empty: {image.error}", UnreadableImageWarning, 2)
-        yield image
-
-
-def _batches(images: Iterable[LoadedImage], size: int) -> Iterator[list[LoadedImage]]:
-    """Consecutive images, each list holding `size` readable ones (the last may hold fewer) and the unreadable
-    ones between them, so that predictions keep the images' order."""
-    batch, readable = [], 0
-    for image in images:
-        batch.append(image)
-        readable += image.error is None
-        if readable == size:
-            yield batch
-            batch, readable = [], 0
-    if batch:
-        yield batch
-
-
-def predict_images(predictor: Predictor, images: Iterable[LoadedImage]) -> Iterator[Prediction]:
-    """Predictions of the images in order; one batch runs on the devices while the next one is gathered."""
-    in_flight = None
-    for batch in _batches(images, predictor.batch_size):
-        inputs = [image.model_input for image in batch if image.error is None]
-        dispatched = predictor.dispatch(np.stack(inputs)) if inputs else None
-        if in_flight is not None:
-            yield from _unbatch(predictor, *in_flight)
-        in_flight = (batch, dispatched)
-    if in_flight is not None:
-        yield from _unbatch(predictor, *in_flight)
-
-
-def _unbatch(predictor: Predictor, batch: list[LoadedImage], dispatched) -> Iterator[Prediction]:
-    probs, class_probs = predictor.fetch(dispatched) if dispatched is not None else ([], None)
-    position = 0
-    for image in batch:
-        if image.error is not None:
-            yield Prediction(image, None, None)
-            continue
-        yield Prediction(image, probs[position], None if class_probs is None else float(class_probs[position]))
-        position += 1
+        read_dicom(path)
+    except DicomError as error:
+        return error
+    return DicomError(path, "could not be decoded in the input pipeline")
 
 
 @dataclasses.dataclass
 class Inference:
-    """A jitted model with its preprocessing and the host-side options: what `predict`, `tune` and `evaluate` run."""
+    """A jitted model and how images reach it: what `predict`, `tune`, `evaluate` and the demo run.
+
+    Images are read by `pipeline.test_batches` at `image_size` by `workers` grain processes (0: a background
+    thread). `config` is the checkpoint's config (the training run's, or {'model': ...} for a model directory).
+    """
 
     predictor: Predictor
-    preprocess: Preprocess
+    image_size: int
     on_error: str = "empty"
-    workers: int = 2
+    workers: int = 0
     progress: bool = True
+    config: ml_collections.ConfigDict | None = None
 
-    def predictions(self, items: Sequence[tuple[str, str | None]], desc: str = "predict") -> Iterator[Prediction]:
-        """Predictions of (ImageId, path or None) items, in order, under a progress bar."""
-        images = load_images(items, self.preprocess, self.on_error, self.workers)
-        return tqdm(predict_images(self.predictor, images), total=len(items), desc=desc, unit="img",
-                    disable=not self.progress)
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        step: int | None = None,
+        best: bool = False,
+        average_top: int = 0,
+        image_size: int | None = None,
+        batch_size: int = 8,
+        tta: bool = True,
+        workers: int = 0,
+        on_error: str = "empty",
+        progress: bool = True,
+    ) -> Inference:
+        """The model of a training run (latest `step`, `best`, or `average_top` best steps averaged) or of a
+        model directory, at `image_size` (default: the training config's `data.image_size`)."""
+        from siim_jax.checkpoints import restore_for_inference
+
+        model, config = restore_for_inference(path, step=step, best=best, average_top=average_top)
+        if image_size is None:
+            if "data" not in config:
+                raise ValueError(f"{path} holds no data config: give the image size")
+            image_size = int(config.data.image_size)
+        return cls(Predictor(model, batch_size, tta), image_size, on_error, workers, progress, config)
+
+    def predictions(self, items: Sequence[Item], desc: str = "predict") -> Iterator[Prediction]:
+        """Predictions of (ImageId, path or None) items, in order, under a progress bar of the images whose
+        results have reached the host. Unreadable ones warn and come without probabilities (`on_error='empty'`)
+        or raise `DicomError` (`on_error='fail'`)."""
+        found = [(image_id, path) for image_id, path in items if path is not None]
+        outputs = self._outputs(found) if found else iter(())
+        with tqdm(total=len(items), desc=desc, unit="img", disable=not self.progress) as bar:
+            for index, (image_id, path) in enumerate(items):
+                prob, class_prob, original_size = next(outputs) if path is not None else (None, None, None)
+                if prob is None:
+                    self._unreadable(image_id, path)
+                yield Prediction(index, image_id, path, prob, class_prob, original_size)
+                bar.update()
+
+    def _unreadable(self, image_id: str, path: str | None) -> None:
+        error = unreadable_reason(image_id, path)
+        if self.on_error == "fail":
+            raise error
+        warnings.warn(f"ImageId {image_id} predicted empty: {error}", UnreadableImageWarning, 3)
+
+    def _outputs(self, found: list[Item]) -> Iterator[tuple]:
+        """(prob, class prob, original size) of each item in order, all None for an unreadable file. One batch
+        runs on the devices while the previous one is fetched and the pipeline reads the next ones."""
+        data_config = ml_collections.ConfigDict(
+            {"image_size": self.image_size, "prepared_dir": "", "workers": self.workers, "prefetch": 2}
+        )
+        frame = pd.DataFrame(found, columns=["image_id", "path"]).assign(rles=[()] * len(found))
+        batches = pipeline.test_batches(data_config, frame, self.predictor.batch_size, process_index=0, process_count=1)
+        in_flight = None
+        for batch in batches:
+            dispatched = self.predictor.dispatch(batch["image"])
+            if in_flight is not None:
+                yield from self._unbatch(*in_flight)
+            in_flight = (batch, dispatched)
+        if in_flight is not None:
+            yield from self._unbatch(*in_flight)
+
+    def _unbatch(self, batch: dict, dispatched) -> Iterator[tuple]:
+        probs, class_probs = self.predictor.fetch(dispatched)
+        for row in np.flatnonzero(batch["index"] >= 0):
+            if not batch["valid"][row]:
+                yield None, None, None
+                continue
+            class_prob = None if class_probs is None else float(class_probs[row])
+            yield probs[row], class_prob, tuple(int(size) for size in batch["original_size"][row])
 
 
 # ---------------------------------------------------------------------------------------------------- submission
 
 
 def write_submission(path, rows: Sequence[tuple[str, str]], expected_ids: Sequence[str] | None = None) -> None:
-    """Writes `ImageId,EncodedPixels` atomically (temp file + rename). With `expected_ids`, refuses (raising
+    """Writes `ImageId,EncodedPixels` atomically (temp file + rename), synced so that a power cut leaves the
+    previous file or the whole new one: the file's data before the rename, the folder's entries before and after
+    it. With `expected_ids`, refuses (raising
     `SubmissionError`, writing nothing) unless the rows hold exactly those ids, once each. Ids that would break
     a CSV line (a comma, quote or line break, e.g. from a file name) are refused too."""
     ids = [image_id for image_id, _ in rows]
@@ -283,10 +280,23 @@ def write_submission(path, rows: Sequence[tuple[str, str]], expected_ids: Sequen
         with open(temporary, "x", newline="") as file:
             file.write(f"{IMAGE_ID},{ENCODED_PIXELS}\n")
             file.writelines(f"{image_id},{encoded}\n" for image_id, encoded in rows)
+            file.flush()
+            os.fsync(file.fileno())
+        _sync_folder(path.parent)
         os.replace(temporary, path)
+        _sync_folder(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the names created or renamed in it are on disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +331,7 @@ class PredictSummary:
         return text
 
 
-def submission_items(dicom_dir, sample_submission=None) -> list[tuple[str, str | None]]:
+def submission_items(dicom_dir, sample_submission=None) -> list[Item]:
     """(ImageId, path) of every image to predict: the sample submission's ids in its order (path None where
     no file has that id), or else every DICOM under `dicom_dir` sorted by ImageId."""
     files = find_dicoms(dicom_dir)
@@ -337,14 +347,14 @@ def submission_items(dicom_dir, sample_submission=None) -> list[tuple[str, str |
 
 def predict_submission(
     inference: Inference,
-    items: Sequence[tuple[str, str | None]],
+    items: Sequence[Item],
     out,
     postprocess: PostProcess = PostProcess(),
     expected_ids: Sequence[str] | None = None,
-    overlays=None,
+    overlays: OverlayWriter | None = None,
 ) -> PredictSummary:
     """Predicts every item (see `submission_items`), writes the submission to `out` and, given an
-    `overlays.OverlayWriter`, the overlays of its selected images."""
+    `OverlayWriter`, the overlays of its selected images."""
     start = time.perf_counter()
     first_batch = min(inference.predictor.batch_size, len(items))
     first_batch_s = 0.0
@@ -352,15 +362,14 @@ def predict_submission(
     for count, prediction in enumerate(inference.predictions(items), start=1):
         if count == first_batch:
             first_batch_s = time.perf_counter() - start
-        image = prediction.image
         mask = prediction.mask(postprocess)
         if mask is None:
-            unreadable.append(image.image_id)
-            rows[image.image_id] = rle.EMPTY
+            unreadable.append(prediction.image_id)
+            rows[prediction.image_id] = rle.EMPTY
             continue
-        rows[image.image_id] = rle.encode(mask)
-        if overlays is not None and overlays.selected(image.index):
-            overlays.add(image.index, image.image_id, image.pixels, mask)
+        rows[prediction.image_id] = rle.encode(mask)
+        if overlays is not None and overlays.selected(prediction.index):
+            overlays.add(prediction.index, prediction.image_id, prediction.pixels(), mask)
     ordered = [(image_id, rows[image_id]) for image_id, _ in items]
     write_submission(out, ordered, expected_ids)
     return PredictSummary(
@@ -390,25 +399,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per batch over all devices, rounded up to a multiple of the device count (8)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                         help="horizontal-flip test-time augmentation (on)")
-    parser.add_argument("--workers", type=int, default=2, help="threads decoding DICOMs (2)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes decoding DICOMs (default 0: one background thread)")
     parser.add_argument("--on-error", choices=ON_ERROR, default="empty",
                         help="a missing or unreadable DICOM: predict it empty with a warning, or fail (empty)")
 
 
-def load_inference(args: argparse.Namespace) -> tuple[Inference, object]:
-    """(Inference, config) for the checkpoint and options that the flags of `add_model_arguments` name."""
-    from siim_jax.checkpoints import restore_for_inference
-
-    model, config = restore_for_inference(args.checkpoint, step=args.step, best=args.best,
-                                          average_top=args.average_top)
-    image_size = args.image_size
-    if image_size is None:
-        if "data" not in config:
-            raise SystemExit(f"{args.checkpoint} holds no data config: pass --image-size")
-        image_size = int(config.data.image_size)
-    preprocess = functools.partial(validation_preprocess, image_size=image_size)
-    predictor = Predictor(model, args.batch_size, args.tta)
-    return Inference(predictor, preprocess, args.on_error, args.workers), config
+def inference_from_args(args: argparse.Namespace) -> Inference:
+    """`Inference.from_checkpoint` with the options that the flags of `add_model_arguments` name."""
+    try:
+        return Inference.from_checkpoint(
+            args.checkpoint, step=args.step, best=args.best, average_top=args.average_top,
+            image_size=args.image_size, batch_size=args.batch_size, tta=args.tta, workers=args.workers,
+            on_error=args.on_error,
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
 
 
 def overlay_sample(n_images: int, count: int, seed: int = 0) -> set[int] | None:
@@ -438,7 +444,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     postprocess = PostProcess.from_json(args.postprocess) if args.postprocess else PostProcess()
     items = submission_items(args.data, args.sample_submission)
-    inference, _ = load_inference(args)
+    inference = inference_from_args(args)
     overlays = None
     if args.overlays:
         overlays = OverlayWriter(args.overlays, sample=overlay_sample(len(items), args.overlay_count))

@@ -23,7 +23,7 @@ import pandas as pd
 from siim_jax.data.labels import merged_mask
 from siim_jax.evaluate import add_labelled_data_arguments, frame_items, labelled_frame, resolve_labelled_data
 from siim_jax.postprocess import PostProcess, default_grid, grid_search
-from siim_jax.predict import Inference, add_model_arguments, load_inference
+from siim_jax.predict import Inference, add_model_arguments, inference_from_args
 
 TABLE_COLUMNS = ("mode", "threshold", "top_threshold", "min_area", "bottom_threshold", "min_component_area",
                  "class_threshold")
@@ -56,13 +56,12 @@ def predict_fold(inference: Inference, frame: pd.DataFrame) -> FoldPredictions:
     for prediction in inference.predictions(frame_items(frame), desc="tune: predict"):
         if prediction.prob is None:
             continue
-        image = prediction.image
         height, width = prediction.prob.shape
-        truth = merged_mask(frame.iloc[image.index], image.pixels.shape).view(np.uint8)
-        fold.image_ids.append(image.image_id)
+        truth = merged_mask(frame.iloc[prediction.index], prediction.original_size).view(np.uint8)
+        fold.image_ids.append(prediction.image_id)
         fold.probs.append(prediction.prob.astype(np.float16))
         fold.truths.append(cv2.resize(truth, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool))
-        fold.original_sizes.append(image.pixels.shape)
+        fold.original_sizes.append(prediction.original_size)
         if prediction.class_prob is not None:
             fold.class_probs.append(prediction.class_prob)
     if not fold.probs:
@@ -123,8 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     grid = json.loads(args.grid.read_text()) if args.grid else None
-    inference, config = load_inference(args)
-    dicom_dir, labels, data_config = resolve_labelled_data(args, config)
+    inference = inference_from_args(args)
+    dicom_dir, labels, data_config = resolve_labelled_data(args, inference.config)
     fold_index = args.fold if args.fold is not None else (int(data_config.fold) if data_config is not None else None)
     if fold_index is None:
         raise SystemExit("the checkpoint's config names no validation fold: pass --fold")

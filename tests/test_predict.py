@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 from siim_jax.data import rle
+from siim_jax.data.augment import normalise, resize_pair
 from siim_jax.data.dicom import DicomError
+from siim_jax.models import SegOutput
 from siim_jax.overlays import OverlayWriter, read_png
 from siim_jax.postprocess import PostProcess
 from siim_jax.predict import (
@@ -35,14 +37,14 @@ DEMO_CONFIG = "demo"
 class Brightness(nnx.Module):
     """Mask logits that grow with the input's brightness, plus a class logit: masks follow the bright pixels."""
 
-    def __call__(self, x):
+    def __call__(self, x, *, train):
         logits = 6.0 * x[..., :1] - 3.0
-        return logits, logits.mean(axis=(1, 2))
+        return SegOutput(logits, logits.mean(axis=(1, 2)))
 
 
 def preprocess(pixels):
-    small = cv2.resize(pixels, (MODEL_SIZE, MODEL_SIZE), interpolation=cv2.INTER_LINEAR)
-    return np.repeat(small[:, :, None].astype(np.float32) / 255.0, 3, axis=2)
+    """The validation preprocessing of the input pipeline: bilinear resize, ImageNet normalisation."""
+    return normalise(resize_pair(pixels, None, MODEL_SIZE)[0])
 
 
 class TinyConvNet(nnx.Module):
@@ -52,23 +54,21 @@ class TinyConvNet(nnx.Module):
         self.conv = nnx.Conv(3, 1, (3, 3), rngs=nnx.Rngs(0))
         self.norm = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
 
-    def __call__(self, x):
-        logits = self.norm(self.conv(x))
-        return logits, logits[:, :, : x.shape[2] // 2].mean(axis=(1, 2))
+    def __call__(self, x, *, train):
+        logits = self.norm(self.conv(x), use_running_average=not train)
+        return SegOutput(logits, logits[:, :, : x.shape[2] // 2].mean(axis=(1, 2)))
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    model = TinyConvNet()
-    model.eval()
-    return model
+    return TinyConvNet()
 
 
 def test_hflip_tta_averages_prediction_and_mirrored_prediction(tiny_model):
     images = jax.random.normal(jax.random.key(0), (2, MODEL_SIZE, MODEL_SIZE, 3))
     probs, class_probs = predict_probabilities(tiny_model, images, tta_hflip=True)
-    plain_logits, plain_class = tiny_model(images)
-    mirrored_logits, mirrored_class = tiny_model(images[:, :, ::-1])
+    plain_logits, plain_class = tiny_model(images, train=False)
+    mirrored_logits, mirrored_class = tiny_model(images[:, :, ::-1], train=False)
     expected = (jax.nn.sigmoid(plain_logits[..., 0]) + jax.nn.sigmoid(mirrored_logits[:, :, ::-1, 0])) / 2
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     np.testing.assert_allclose(class_probs, (jax.nn.sigmoid(plain_class) + jax.nn.sigmoid(mirrored_class))[:, 0] / 2,
@@ -93,9 +93,15 @@ def test_predictor_pads_a_short_batch_and_matches_eager_inference(tiny_model):
 SHARDED_SCRIPT = """
 import jax, numpy as np
 from flax import nnx
+from siim_jax.models import SegOutput
 from siim_jax.predict import Predictor, predict_probabilities
 assert jax.device_count() == 2
-model = nnx.Conv(3, 1, (3, 3), rngs=nnx.Rngs(0))
+class Conv(nnx.Module):
+    def __init__(self):
+        self.conv = nnx.Conv(3, 1, (3, 3), rngs=nnx.Rngs(0))
+    def __call__(self, x, *, train):
+        return SegOutput(self.conv(x), None)
+model = Conv()
 predictor = Predictor(model, batch_size=3)
 images = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
 probs, _ = predictor(images)
@@ -114,7 +120,7 @@ def test_predictor_shards_the_batch_over_every_device():
 
 
 def _inference(batch_size=4, on_error="empty"):
-    return Inference(Predictor(Brightness(), batch_size), preprocess, on_error, workers=2, progress=False)
+    return Inference(Predictor(Brightness(), batch_size), MODEL_SIZE, on_error, progress=False)
 
 
 def _test_set(folder, shapes):
@@ -206,6 +212,26 @@ def test_incomplete_submission_is_refused_and_nothing_is_written(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["submission.csv"]
     write_submission(out, [("b", "-1"), ("a", "3 4")], expected_ids=["a", "b"])
     assert out.read_text() == "ImageId,EncodedPixels\nb,-1\na,3 4\n"
+
+
+def test_submission_is_synced_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    out = tmp_path / "submission.csv"
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        synced = os.fstat(descriptor).st_ino
+        events.append("folder" if synced == tmp_path.stat().st_ino else f"file {os.fstat(descriptor).st_size} bytes")
+        fsync(descriptor)
+
+    def recording_replace(source, target):
+        events.append("rename")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_submission(out, [("a", "-1"), ("b", "3 4")])
+    assert events == [f"file {len(out.read_bytes())} bytes", "folder", "rename", "folder"]
 
 
 def test_predict_writes_overlays_of_its_images(tmp_path):

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from siim_jax.data import rle
+from siim_jax.data.augment import normalise, resize_pair
 from siim_jax.data.dicom import read_dicom
 from siim_jax.postprocess import PostProcess
-from siim_jax.predict import validation_preprocess
 
 from . import dicom_factory as factory
 from .conftest import reference_import
@@ -24,9 +24,14 @@ SHAPES = [(96, 96), (80, 112), (128, 96)]
 MARGIN = 1e-4  # pixels this close to the threshold may fall on either side
 
 
+def _model_input(pixels):
+    """The validation preprocessing: bilinear resize, ImageNet normalisation, grey to three channels."""
+    return normalise(resize_pair(pixels, None, MODEL_SIZE)[0])
+
+
 def _torch_probabilities(model, pixels, resize=True):
     """The reference: same input, hflip TTA, sigmoid, bilinear resize to the original size, in PyTorch."""
-    x = torch.from_numpy(validation_preprocess(pixels, MODEL_SIZE)).permute(2, 0, 1)[None]
+    x = torch.from_numpy(_model_input(pixels)).permute(2, 0, 1)[None]
     with torch.no_grad():
         masks, labels = model(torch.cat([x, x.flip(-1)]))
     probs = torch.sigmoid(masks[:, 0])
@@ -77,14 +82,14 @@ def test_predict_with_converted_smp_checkpoint_matches_pytorch(converted, tmp_pa
         "--checkpoint", str(model_dir), "--image-size", str(MODEL_SIZE), "--data", str(tmp_path / "test"),
         "--out", str(tmp_path / "submission.csv"), "--batch-size", "2",
     ])
-    inference, _ = predict.load_inference(args)
+    inference = predict.inference_from_args(args)
     inference.progress = False
     items = predict.submission_items(args.data)
     predict.predict_submission(inference, items, args.out, PostProcess(threshold=threshold))
 
     # The model-resolution outputs, class probability included, before resizing and thresholding.
     first = next(iter(images.values()))
-    probs, class_probs = inference.predictor(inference.preprocess(first)[None])
+    probs, class_probs = inference.predictor(_model_input(first)[None])
     reference_probs, reference_class = _torch_probabilities(reference, first, resize=False)
     np.testing.assert_allclose(probs[0], reference_probs, atol=MARGIN)
     np.testing.assert_allclose(class_probs[0], reference_class, atol=MARGIN)

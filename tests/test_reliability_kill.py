@@ -21,7 +21,8 @@ from flax import nnx
 
 from siim_jax.checkpoints import CHECKPOINT_DIR
 from siim_jax.data import synthetic
-from siim_jax.predict import Inference, Predictor, predict_submission, validation_preprocess
+from siim_jax.models import SegOutput
+from siim_jax.predict import Inference, Predictor, predict_submission
 from tests import bad_inputs, kill_worker
 from tests import dicom_factory as factory
 from tests.kill_worker import forkserver, run_child  # noqa: F401 - forkserver is a fixture
@@ -155,8 +156,8 @@ def test_submission_killed_while_written_leaves_no_file_or_the_previous_one(
 class _EmptyMasks(nnx.Module):
     """Mask logits of -10 everywhere and a class logit of 0: every predicted mask is empty."""
 
-    def __call__(self, images):
-        return jnp.full((*images.shape[:3], 1), -10.0), jnp.zeros((images.shape[0], 1))
+    def __call__(self, images, *, train):
+        return SegOutput(jnp.full((*images.shape[:3], 1), -10.0), jnp.zeros((images.shape[0], 1)))
 
 
 @dataclasses.dataclass
@@ -185,8 +186,7 @@ def test_images(tmp_path_factory) -> list[tuple[str, str]]:
 def test_predict_interrupted_at_any_image_leaves_the_previous_file(tmp_path, test_images, interrupted_at):
     out = tmp_path / "submission.csv"
     out.write_text(PREVIOUS)
-    preprocess = functools.partial(validation_preprocess, image_size=16)
-    inference = _InterruptedInference(Predictor(_EmptyMasks(), batch_size=2), preprocess, progress=False,
+    inference = _InterruptedInference(Predictor(_EmptyMasks(), batch_size=2), image_size=16, progress=False,
                                       interrupted_at=interrupted_at)
     if interrupted_at is None:
         predict_submission(inference, test_images, out)

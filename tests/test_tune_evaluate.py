@@ -1,17 +1,28 @@
-import functools
-
 import cv2
 import numpy as np
 import pytest
 from flax import nnx
 
 from siim_jax.data import rle
-from siim_jax.evaluate import PER_IMAGE_COLUMNS, evaluate_images, labelled_frame, summarize
+from siim_jax.data.augment import normalise, resize_pair
+from siim_jax.evaluate import (
+    PER_IMAGE_COLUMNS,
+    evaluate_images,
+    labelled_frame,
+    summarize,
+)
 from siim_jax.metrics import challenge_dice, roc_auc
+from siim_jax.models import SegOutput
 from siim_jax.overlays import SHEET_NAME, OverlayWriter
 from siim_jax.postprocess import PostProcess
-from siim_jax.predict import Inference, Predictor, validation_preprocess
-from siim_jax.tune import FoldPredictions, format_table, predict_fold, rescale_areas, tune
+from siim_jax.predict import Inference, Predictor
+from siim_jax.tune import (
+    FoldPredictions,
+    format_table,
+    predict_fold,
+    rescale_areas,
+    tune,
+)
 
 from . import dicom_factory as factory
 
@@ -22,8 +33,8 @@ SIZE = 64
 class Brightness(nnx.Module):
     """Mask logits that follow the brightness of the normalised input: bright squares are predicted."""
 
-    def __call__(self, x):
-        return 6.0 * x[..., :1] - 3.0
+    def __call__(self, x, *, train):
+        return SegOutput(6.0 * x[..., :1] - 3.0, None)
 
 
 def _square(top, left, side):
@@ -59,7 +70,9 @@ def labelled(tmp_path_factory):
     return root
 
 
-PREPROCESS = functools.partial(validation_preprocess, image_size=MODEL_SIZE)
+def preprocess(pixels):
+    """The validation preprocessing of the input pipeline: bilinear resize, ImageNet normalisation."""
+    return normalise(resize_pair(pixels, None, MODEL_SIZE)[0])
 
 
 def _predictor():
@@ -67,7 +80,7 @@ def _predictor():
 
 
 def _inference():
-    return Inference(_predictor(), PREPROCESS, progress=False)
+    return Inference(_predictor(), MODEL_SIZE, progress=False)
 
 
 def test_tune_finds_the_setting_with_the_best_dice_and_writes_json_predict_reads(labelled, tmp_path):
@@ -113,7 +126,7 @@ def test_evaluate_per_image_table_and_summary(labelled, tmp_path):
     predicted, truths = [], []
     for (_, row), (bright, truth) in zip(frame.iterrows(), CASES):
         pixels = factory.read_back(row["path"]).pixel_array
-        probs, _ = _predictor()(PREPROCESS(pixels)[None])
+        probs, _ = _predictor()(preprocess(pixels)[None])
         predicted.append(rule.apply(cv2.resize(probs[0], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)))
         truths.append(np.zeros((SIZE, SIZE), bool) if truth is None else truth)
     per_image = [challenge_dice([p], [t]) for p, t in zip(predicted, truths)]

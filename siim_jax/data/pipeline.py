@@ -43,7 +43,8 @@ Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when `
   'image' float32 (B, H, W, 3) ImageNet-normalised grey replicated to three channels; 'mask' float32
   (B, H, W, 1) in {0, 1}; 'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that
   cannot be decoded (blank image and mask, positive 0, logged, and added to ``skipped_csv`` when the iterator was
-  given one); 'index' int32 (B,): row in the frame, -1 for padding. Training batches replace a file that cannot
+  given one); 'index' int32 (B,): row in the frame, -1 for padding; 'original_size' int32 (B, 2): the image's
+  (height, width) before resizing, for mapping predictions back (0, 0 where not read). Training batches replace a file that cannot
   be decoded by the next decodable image of the same class (its 'index' says which), so they stay all valid.
 
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
@@ -234,7 +235,8 @@ class DicomSource:
         self._image_size = image_size
         self._skipped_csv = skipped_csv
 
-    def load(self, row: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def load(self, row: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
+        """(image, mask, original size), or None when the file cannot be decoded."""
         try:
             decoded = decode_example(self._paths[row], self._rles[row], self._image_size)
         except (DicomError, rle.RLEError) as exc:
@@ -243,7 +245,7 @@ class DicomSource:
                 reason = exc.reason if isinstance(exc, DicomError) else str(exc)
                 _add_skipped(self._skipped_csv, self._image_ids[row], self._paths[row], reason)
             return None
-        return decoded.image, decoded.mask
+        return decoded.image, decoded.mask, decoded.original_size
 
 
 class PreparedSource:
@@ -259,9 +261,9 @@ class PreparedSource:
         self._records = frame["record"].to_numpy(np.int64)
         self._data = builder.as_data_source(split=splits[0]) if len(splits) else None
 
-    def load(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         example = self._data[int(self._records[row])]
-        return example["image"], example["mask"]
+        return example["image"], example["mask"], example["original_size"]
 
 
 def _source(config: ml_collections.ConfigDict, frame: pd.DataFrame, skipped_csv=None) -> DicomSource | PreparedSource:
@@ -292,19 +294,24 @@ class _LoadElement(grain.transforms.Map):
             row, loaded = self._same_class_stand_in(row)
         if loaded is None:
             blank = np.zeros((self.image_size, self.image_size), np.uint8)
-            image, mask = blank, blank
+            image, mask, original_size = blank, blank, (0, 0)
         else:
-            image, mask = loaded
+            image, mask, original_size = loaded
             if self.augment is not None:
                 rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, int(item[2]), position])
                 image, mask = self.augment(image, mask, rng)
-        element = {"image": image, "valid": np.bool_(loaded is not None), "index": np.int32(row)}
+        element = {
+            "image": image,
+            "valid": np.bool_(loaded is not None),
+            "index": np.int32(row),
+            "original_size": np.asarray(original_size, np.int32),
+        }
         if self.labelled:
             element["mask"] = mask
             element["positive"] = np.float32(self.positive[row] if loaded is not None else 0.0)  # as the mask
         return element
 
-    def _same_class_stand_in(self, row: int) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+    def _same_class_stand_in(self, row: int) -> tuple[int, tuple | None]:
         """The first decodable row after `row` (cyclically) with the same label, so that a file that fails to
         decode never enters training as a blank image labelled negative; (row, None) when none of the next
         _STAND_IN_TRIES does."""
