@@ -146,8 +146,10 @@ def test_eval_batches_cover_every_row_once_and_mark_padding(synthetic_tree, spli
     np.testing.assert_array_equal(rows[valid], np.arange(len(splits.val)))
     assert (rows[~valid] == -1).all() and len(rows) % 3 == 0
     test = take(pipeline.test_batches(config, splits.test, 2, 0, 1))
-    assert sorted(test[0]) == ["image", "index", "valid"]
+    assert sorted(test[0]) == ["image", "index", "original_size", "valid"]
     assert np.concatenate([b["valid"] for b in test]).sum() == N_TEST
+    sizes = np.concatenate([b["original_size"][b["valid"]] for b in test])
+    np.testing.assert_array_equal(sizes, splits.test[["height", "width"]].to_numpy())  # as the DICOM headers say
 
 
 def test_undecodable_dicom_becomes_an_invalid_blank_row(synthetic_tree, tmp_path):

@@ -162,6 +162,39 @@ def test_submission_rle_decodes_back_to_the_predicted_masks(tmp_path):
         np.testing.assert_array_equal(rle.decode(encoded, *pixels.shape), expected)
 
 
+def test_progress_bar_counts_only_images_whose_results_reached_the_host(tmp_path, monkeypatch):
+    from siim_jax import predict
+
+    fetched, shown = [0], []
+
+    class CountingPredictor(Predictor):
+        def fetch(self, dispatched):
+            probs, class_probs = super().fetch(dispatched)
+            fetched[0] += len(probs)
+            return probs, class_probs
+
+    class RecordingBar:
+        def __init__(self, total, **options):
+            self.n = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, count=1):
+            self.n += count
+            shown.append((self.n, fetched[0]))
+
+    monkeypatch.setattr(predict, "tqdm", RecordingBar)
+    _test_set(tmp_path / "test", [(64, 64)] * 5)
+    inference = Inference(CountingPredictor(Brightness(), batch_size=2), MODEL_SIZE, progress=False)
+    assert len(list(inference.predictions(submission_items(tmp_path / "test")))) == 5
+    assert [count for count, _ in shown] == [1, 2, 3, 4, 5]
+    assert all(count <= fetched_images for count, fetched_images in shown)
+
+
 def test_unreadable_or_missing_dicom_gives_empty_row_and_warning(tmp_path):
     first, second = _test_set(tmp_path / "test", [(64, 64), (64, 64)])
     (tmp_path / "test" / "broken.dcm").write_bytes(b"not a dicom at all")
