@@ -255,9 +255,9 @@ class Inference:
 def write_submission(path, rows: Sequence[tuple[str, str]], expected_ids: Sequence[str] | None = None) -> None:
     """Writes `ImageId,EncodedPixels` atomically (temp file + rename), synced so that a power cut leaves the
     previous file or the whole new one: the file's data before the rename, the folder's entries before and after
-    it. With `expected_ids`, refuses (raising
-    `SubmissionError`, writing nothing) unless the rows hold exactly those ids, once each. Ids that would break
-    a CSV line (a comma, quote or line break, e.g. from a file name) are refused too."""
+    it. With `expected_ids`, refuses (raising `SubmissionError`, writing nothing) unless the rows hold exactly
+    those ids, once each. Ids that would break a CSV line (a comma, quote or line break, e.g. from a file name)
+    are refused too."""
     ids = [image_id for image_id, _ in rows]
     malformed = [image_id for image_id in ids if any(character in image_id for character in ',"\r\n')]
     if malformed:
