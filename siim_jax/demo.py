@@ -22,7 +22,6 @@ from siim_jax.data import synthetic
 from siim_jax.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR
 from siim_jax.evaluate import evaluate_images, format_summary, labelled_frame, summarize
 from siim_jax.overlays import OverlayWriter
-from siim_jax.postprocess import PostProcess
 from siim_jax.predict import Inference, overlay_sample, predict_submission, submission_items
 from siim_jax.tune import format_table, predict_fold, tune
 

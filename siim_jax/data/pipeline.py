@@ -44,8 +44,9 @@ Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when `
   (B, H, W, 1) in {0, 1}; 'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that
   cannot be decoded (blank image and mask, positive 0, logged, and added to ``skipped_csv`` when the iterator was
   given one); 'index' int32 (B,): row in the frame, -1 for padding; 'original_size' int32 (B, 2): the image's
-  (height, width) before resizing, for mapping predictions back (0, 0 where not read). Training batches replace a file that cannot
-  be decoded by the next decodable image of the same class (its 'index' says which), so they stay all valid.
+  (height, width) before resizing, for mapping predictions back (0, 0 where not read). Training batches replace
+  a file that cannot be decoded by the next decodable image of the same class (its 'index' says which), so they
+  stay all valid.
 
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
 (orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
