@@ -29,7 +29,7 @@ from siim_jax import config_utils, model_io
 from siim_jax.models import build_unfilled
 
 CHECKPOINT_DIR = "checkpoints"
-BEST_METRIC = "dice_gated"  # see metrics.MetricAccumulator.summarize
+BEST_METRIC = "dice_gated"  # see metrics.MetricAccumulator.summarise
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import pandas as pd
 from siim_jax import config_utils
 from siim_jax.data import synthetic
 from siim_jax.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR
-from siim_jax.evaluate import evaluate_images, format_summary, labelled_frame, summarize
+from siim_jax.evaluate import evaluate_images, format_summary, labelled_frame, summarise
 from siim_jax.overlays import OverlayWriter
 from siim_jax.predict import Inference, overlay_sample, predict_submission, submission_items
 from siim_jax.tune import format_table, predict_fold, tune
@@ -86,7 +86,7 @@ def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: s
     sheet = val_overlays.finish()
     per_image_csv = workdir / "val_per_image.csv"
     table.to_csv(per_image_csv, index=False)
-    metrics = summarize(table)
+    metrics = summarise(table)
     print(format_summary(metrics))
 
     items = submission_items(data_dir / TEST_DIR, data_dir / SAMPLE_SUBMISSION_CSV)

@@ -123,11 +123,11 @@ def per_image_table(rows: list[tuple]) -> pd.DataFrame:
     return table
 
 
-def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """`MetricAccumulator.summarize` (challenge Dice, IoU, positive-only Dice, AUC, ...) of a per-image table."""
+def summarise(table: pd.DataFrame) -> dict[str, float]:
+    """`MetricAccumulator.summarise` (challenge Dice, IoU, positive-only Dice, AUC, ...) of a per-image table."""
     accumulator = MetricAccumulator()
     accumulator.add({name: table[name].to_numpy() for name in STAT_NAMES})
-    return accumulator.summarize()
+    return accumulator.summarise()
 
 
 def format_summary(summary: dict[str, float]) -> str:
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     table = evaluate_images(inference, frame, postprocess, overlays)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table[list(PER_IMAGE_COLUMNS)].to_csv(args.out, index=False)
-    print(format_summary(summarize(table)))
+    print(format_summary(summarise(table)))
     print(f"wrote {args.out}")
     if overlays is not None:
         sheet = overlays.finish()

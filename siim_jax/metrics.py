@@ -1,7 +1,7 @@
 """Challenge metrics, accumulated exactly across batches and devices.
 
 On device, `per_image_stats` reduces each image to four numbers; on the host, `MetricAccumulator`
-concatenates them across batches and `summarize()` computes the metrics from all images at once, so
+concatenates them across batches and `summarise()` computes the metrics from all images at once, so
 the result does not depend on how the images were batched or sharded.
 
 Empty convention of the challenge: an image with empty truth scores 1 if the prediction is empty
@@ -91,7 +91,7 @@ class MetricAccumulator:
         """All per-image stats added so far, concatenated (float64)."""
         return {name: np.concatenate([b[name] for b in self._batches] or [np.zeros(0)]) for name in STAT_NAMES}
 
-    def summarize(self) -> dict[str, float]:
+    def summarise(self) -> dict[str, float]:
         """{'dice', 'dice_gated', 'iou', 'dice_positive', 'auc', 'n_images'}; means are NaN when no image qualifies.
 
         'dice_gated' empties the prediction of every image whose 'score' is below 0.5: the classification head's

@@ -23,7 +23,7 @@ SCHEDULES = ("constant", "warmup_cosine", "plateau")
 OPTIMIZERS = ("adam", "radam")
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+def build_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
     """Gradient → update: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments → × -lr.
 
     Clipping comes first and the decay is added after it, as `clip_grad_norm_` then `Adam(weight_decay=...)`
@@ -47,7 +47,7 @@ def make_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTra
 
 
 def with_learning_rate(opt_state: optax.OptState, learning_rate) -> optax.OptState:
-    """The state of a `make_optimizer` optimizer with the learning rate of its next update set."""
+    """The state of a `build_optimizer` optimizer with the learning rate of its next update set."""
     return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})
 
 

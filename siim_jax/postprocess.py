@@ -42,7 +42,7 @@ class PostProcess:
             raise ValueError("min_area and min_component_area must be >= 0")
 
     @property
-    def binarize_threshold(self) -> float:
+    def binarise_threshold(self) -> float:
         return self.threshold if self.mode == "threshold" else self.bottom_threshold
 
     def keeps_image(self, prob: np.ndarray, class_prob: float | None = None) -> bool:
@@ -59,7 +59,7 @@ class PostProcess:
         prob = np.asarray(prob)
         if not self.keeps_image(prob, class_prob):
             return np.zeros(prob.shape, bool)
-        mask = prob > self.binarize_threshold
+        mask = prob > self.binarise_threshold
         if self.min_component_area == 0:
             return mask
         labels, areas = _components(mask)
@@ -140,24 +140,24 @@ def grid_search(probs, true_masks, grid: Grid, class_probs=None) -> list[tuple[P
     candidates = expand_grid(grid)
     if class_probs is None and any(c.class_threshold is not None for c in candidates):
         raise ValueError("the grid gates by class_threshold but no class_probs were given")
-    binarize = sorted({c.binarize_threshold for c in candidates})
+    binarise = sorted({c.binarise_threshold for c in candidates})
     component_areas = sorted({c.min_component_area for c in candidates})
     tops = sorted({c.top_threshold for c in candidates if c.mode == "triplet"})
 
     kept_dice, top_counts, truth_empty = [], [], []
     for prob, truth in zip(probs, true_masks, strict=True):
         prob, truth = np.asarray(prob), np.asarray(truth, bool)
-        kept_dice.append(_dice_table(prob, truth, binarize, component_areas))
+        kept_dice.append(_dice_table(prob, truth, binarise, component_areas))
         top_counts.append([np.count_nonzero(prob > t) for t in tops])
         truth_empty.append(not truth.any())
-    kept_dice = np.stack(kept_dice)  # (N, len(binarize), len(component_areas))
+    kept_dice = np.stack(kept_dice)  # (N, len(binarise), len(component_areas))
     top_counts = np.asarray(top_counts).reshape(len(truth_empty), len(tops))
     empty_dice = np.asarray(truth_empty, np.float64)  # Dice of an image predicted empty
     class_probs = None if class_probs is None else np.asarray(class_probs, np.float64).reshape(-1)
 
     results = []
     for c in candidates:
-        dice = kept_dice[:, binarize.index(c.binarize_threshold), component_areas.index(c.min_component_area)]
+        dice = kept_dice[:, binarise.index(c.binarise_threshold), component_areas.index(c.min_component_area)]
         keep = np.ones(len(dice), bool)
         if c.class_threshold is not None:
             keep &= class_probs >= c.class_threshold
@@ -167,11 +167,11 @@ def grid_search(probs, true_masks, grid: Grid, class_probs=None) -> list[tuple[P
     return sorted(results, key=lambda result: -result[1])
 
 
-def _dice_table(prob, truth, binarize, component_areas) -> np.ndarray:
+def _dice_table(prob, truth, binarise, component_areas) -> np.ndarray:
     """Dice of one image for each (binarisation threshold, minimum component area) pair."""
-    table = np.empty((len(binarize), len(component_areas)))
+    table = np.empty((len(binarise), len(component_areas)))
     true_area = np.count_nonzero(truth)
-    for i, threshold in enumerate(binarize):
+    for i, threshold in enumerate(binarise):
         labels, areas = _components(prob > threshold)
         overlaps = np.bincount(labels.ravel(), weights=truth.ravel(), minlength=len(areas))
         for j, min_area in enumerate(component_areas):

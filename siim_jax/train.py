@@ -42,7 +42,7 @@ from siim_jax.logging_utils import MetricWriter
 from siim_jax.losses import make_loss
 from siim_jax.metrics import MetricAccumulator
 from siim_jax.models import build_model, build_unfilled
-from siim_jax.train_state import EVAL_INPUTS, TRAIN_INPUTS, create_train_state, make_eval_step, make_train_step
+from siim_jax.train_state import EVAL_INPUTS, TRAIN_INPUTS, build_train_state, make_eval_step, make_train_step
 
 SKIPPED_FILE = "skipped.csv"  # images left out of training or validation, and why
 SHEET_IMAGES = 4  # validation images drawn in TensorBoard at each evaluation
@@ -199,7 +199,7 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, frame, mesh, s
     accumulator = MetricAccumulator()
     for stats in jax.device_get(outputs):
         accumulator.add(stats, valid=stats["valid"])
-    return accumulator.summarize()
+    return accumulator.summarise()
 
 
 def make_sheet_step(model_def, mesh, threshold: float):
@@ -268,8 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         log.warning("%d images left out of training, listed with the reasons in %s", len(splits.skipped), skipped_csv)
     plan = EpochPlan.build(config, splits.train)
 
-    optimizer = optim.make_optimizer(config.optim)
-    model_def, state = create_train_state(
+    optimizer = optim.build_optimizer(config.optim)
+    model_def, state = build_train_state(
         init_model(config.model, config.train.seed), optimizer, config.train.seed, ema=config.optim.ema_decay > 0
     )
     state = sharding_lib.replicate(state, mesh)
@@ -371,7 +371,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sharding_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    sharding_lib.initialise_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         result = train_and_evaluate(args.config, args.workdir, resume=args.resume)
     except (NonFiniteLossError, OSError, LabelError, DicomError) as error:  # each names the step or file at fault

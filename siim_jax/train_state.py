@@ -53,7 +53,8 @@ class ModelDef:
     def split(cls, model: nnx.Module) -> tuple[ModelDef, nnx.State, nnx.State]:
         """(ModelDef, params, batch_stats) of `model`."""
         graph, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        streams = sorted({variable.tag for _, variable in nnx.to_flat_state(rng_template) if isinstance(variable, nnx.RngKey)})
+        flat = nnx.to_flat_state(rng_template)
+        streams = sorted({variable.tag for _, variable in flat if isinstance(variable, nnx.RngKey)})
         return cls(graph, rng_template, tuple(streams)), params, batch_stats
 
     def apply(self, params, batch_stats, images, *, train: bool, dropout_key=None) -> tuple[SegOutput, nnx.State]:
@@ -66,7 +67,7 @@ class ModelDef:
         return model(images, train=train), nnx.state(model, nnx.BatchStat)
 
 
-def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int, ema: bool):
+def build_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int, ema: bool):
     """(ModelDef, TrainState at step 0) from an initialised model; arrays stay where the model has them."""
     model_def, params, batch_stats = ModelDef.split(model)
     state = TrainState(
@@ -119,7 +120,7 @@ def make_train_step(
     after another by `lax.scan` so that only one micro-batch's activations are alive; BatchNorm normalises each
     micro-batch with its own statistics and updates the running ones once per micro-batch, as PyTorch does
     across accumulated backward passes. Metrics (loss, its components, grad_norm, lr) are replicated scalars.
-    `optimizer` takes its learning rate as a hyperparameter (`optim.make_optimizer`); each step injects
+    `optimizer` takes its learning rate as a hyperparameter (`optim.build_optimizer`); each step injects
     `schedule(step) * plateau.scale`.
     """
 
@@ -141,7 +142,8 @@ def make_train_step(
         def accumulate(carry, indexed_micro):
             grads_sum, batch_stats = carry
             index, micro = indexed_micro
-            (loss, (components, batch_stats)), grads = grad_fn(params, batch_stats, micro, jax.random.fold_in(key, index))
+            micro_key = jax.random.fold_in(key, index)
+            (loss, (components, batch_stats)), grads = grad_fn(params, batch_stats, micro, micro_key)
             return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), {"loss": loss, **components}
 
         init = (jax.tree.map(jnp.zeros_like, params), batch_stats)

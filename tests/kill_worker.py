@@ -6,7 +6,8 @@ and a submission writer killed mid-file.
 DIR is a persistent JAX compilation cache shared by the runs of a test. POINT is `kill-mid-step` (dispatch step
 STEP, SIGKILL while it runs), `kill-after-save` (start the checkpoint save of STEP, SIGKILL while orbax is still
 writing it) or `term-mid-step` (SIGTERM while step STEP runs). Before signalling, the worker writes
-WORKDIR/signalled.json: the signal, the step and the checkpoints complete on disk at that moment. The model is `tests.tiny_model.TinySegmenter`, so a run starts in seconds.
+WORKDIR/signalled.json: the signal, the step and the checkpoints complete on disk at that moment. The model is
+`tests.tiny_model.TinySegmenter`, so a run starts in seconds.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from siim_jax import sharding
 
-    sharding.initialize_distributed(args.coordinator, args.processes if args.coordinator else None,
+    sharding.initialise_distributed(args.coordinator, args.processes if args.coordinator else None,
                                     args.process_id if args.coordinator else None)
     import numpy as np
 
@@ -56,14 +56,14 @@ def train(accum: int) -> tuple[dict, dict]:
 
     from siim_jax import losses, optim, sharding
     from siim_jax.configs import defaults
-    from siim_jax.train_state import create_train_state, make_train_step
+    from siim_jax.train_state import build_train_state, make_train_step
     from tests.tiny_model import TinySegmenter, random_batch
 
     mesh = sharding.data_mesh()
     config = defaults.default_optim_config()
     config.lr = 0.05
-    optimizer = optim.make_optimizer(config)
-    model_def, state = create_train_state(TinySegmenter(rngs=nnx.Rngs(0)), optimizer, seed=0, ema=False)
+    optimizer = optim.build_optimizer(config)
+    model_def, state = build_train_state(TinySegmenter(rngs=nnx.Rngs(0)), optimizer, seed=0, ema=False)
     initial = flat_params(state.params, "initial")
     state = sharding.replicate(state, mesh)
     step = make_train_step(

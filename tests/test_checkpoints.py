@@ -15,7 +15,7 @@ from siim_jax.checkpoints import TrainingCheckpoints, load_initial_weights, rest
 from siim_jax.config_utils import ConfigError
 from siim_jax.configs.defaults import default_config
 from siim_jax.models import build_model, build_unfilled
-from siim_jax.train_state import create_train_state
+from siim_jax.train_state import build_train_state
 from tests.tiny_model import TinySegmenter
 
 
@@ -29,9 +29,9 @@ def small_config(ema: bool = False):
 
 def filled_state(model_factory, config, value: float):
     """A TrainState of the model's structure with every float array set to `value` (EMA weights: value + 100)."""
-    optimizer = optim.make_optimizer(config.optim)
+    optimizer = optim.build_optimizer(config.optim)
     ema = config.optim.ema_decay > 0
-    abstract = jax.eval_shape(lambda: create_train_state(model_factory(), optimizer, 0, ema)[1])
+    abstract = jax.eval_shape(lambda: build_train_state(model_factory(), optimizer, 0, ema)[1])
     state = jax.tree.map(lambda s: np.full(s.shape, value, s.dtype), abstract)
     if ema:
         state = state.replace(ema_params=jax.tree.map(lambda x: x + 100, state.ema_params))
@@ -148,7 +148,8 @@ def test_restore_for_inference_takes_the_ema_weights(tmp_path):
 def test_restore_for_inference_from_a_model_directory(tmp_path):
     config = small_config()
     model = build_unfilled(config.model)
-    nnx.update(model, jax.tree.map(lambda s: np.full(s.shape, 3.0, s.dtype), nnx.state(model, (nnx.Param, nnx.BatchStat))))
+    weights = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    nnx.update(model, jax.tree.map(lambda s: np.full(s.shape, 3.0, s.dtype), weights))
     model_io.save_model(tmp_path / "model", model, config.model)
     loaded, loaded_config = restore_for_inference(tmp_path / "model")
     assert first_param(loaded) == 3.0 and "data" not in loaded_config

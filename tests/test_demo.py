@@ -8,7 +8,10 @@ import pandas as pd
 from siim_jax import cli
 from siim_jax.data import labels
 
-TINY = ["--n-train", "60", "--n-test", "3", "--config.train.batch_size=8", "--config.train.epochs=1", "--config.train.eval_at_start=False"]
+TINY = [
+    "--n-train", "60", "--n-test", "3",
+    "--config.train.batch_size=8", "--config.train.epochs=1", "--config.train.eval_at_start=False",
+]
 
 
 def test_demo_writes_every_output_and_reruns(tmp_path, capsys):

@@ -97,8 +97,8 @@ def test_accumulating_uneven_batches_equals_one_batch():
     split = metrics.MetricAccumulator()
     for part in np.split(np.arange(len(probs)), [3, 4]):  # batches of 3, 1 and 6 images
         split.add(stats_fn(probs[part], masks[part], 0.5))
-    assert split.summarize() == pytest.approx(whole.summarize())
-    assert whole.summarize()["n_images"] == 10
+    assert split.summarise() == pytest.approx(whole.summarise())
+    assert whole.summarise()["n_images"] == 10
 
 
 def test_padding_rows_are_ignored():
@@ -107,7 +107,7 @@ def test_padding_rows_are_ignored():
     expected.add(metrics.per_image_stats(probs[:4], masks[:4]))
     padded = metrics.MetricAccumulator()
     padded.add(metrics.per_image_stats(probs, masks), valid=np.arange(6) < 4)
-    assert padded.summarize() == pytest.approx(expected.summarize())
+    assert padded.summarise() == pytest.approx(expected.summarise())
 
 
 def test_summary_values_match_direct_computation():
@@ -116,7 +116,7 @@ def test_summary_values_match_direct_computation():
     pred = probs[..., 0] > 0.5
     accumulator = metrics.MetricAccumulator()
     accumulator.add(metrics.per_image_stats(probs[..., 0], masks))
-    summary = accumulator.summarize()
+    summary = accumulator.summarise()
     positive = masks.any(axis=(1, 2))
     assert summary["dice"] == pytest.approx(metrics.challenge_dice(pred, masks))
     assert summary["dice_positive"] == pytest.approx(metrics.challenge_dice(pred[positive], masks[positive]))
@@ -132,4 +132,4 @@ def test_gated_dice_empties_the_masks_the_class_head_calls_negative():
     accumulator.add(metrics.per_image_stats(probs, masks, class_probs=class_probs))
     gated = (probs > 0.5) & (class_probs >= 0.5)[:, None, None]
     assert 0 < (class_probs >= 0.5).sum() < len(probs)
-    assert accumulator.summarize()["dice_gated"] == pytest.approx(metrics.challenge_dice(gated, masks))
+    assert accumulator.summarise()["dice_gated"] == pytest.approx(metrics.challenge_dice(gated, masks))

@@ -226,7 +226,7 @@ def test_real_stage1_sample_submission_gives_one_row_per_unique_id(siim_real, tm
     (tmp_path / "empty").mkdir()
     items = submission_items(tmp_path / "empty", sample)
     with pytest.warns(UnreadableImageWarning):
-        summary = predict_submission(_inference(), items, tmp_path / "submission.csv", 
+        summary = predict_submission(_inference(), items, tmp_path / "submission.csv",
                                      expected_ids=[image_id for image_id, _ in items])
     frame = _read_submission(tmp_path / "submission.csv")
     expected = list(dict.fromkeys(pd.read_csv(sample)["ImageId"]))

@@ -190,7 +190,7 @@ def test_post_processing_follows_its_three_rules(prob, rule, class_prob):
     if gated or too_small:
         assert not mask.any()
     else:
-        expected = components_at_least(prob > rule.binarize_threshold, rule.min_component_area)
+        expected = components_at_least(prob > rule.binarise_threshold, rule.min_component_area)
         np.testing.assert_array_equal(mask, expected)
 
 

@@ -177,7 +177,10 @@ class _InterruptedInference(Inference):
 def test_images(tmp_path_factory) -> list[tuple[str, str]]:
     folder = tmp_path_factory.mktemp("test_images")
     return [
-        (image_id, factory.save(factory.dataset(bad_inputs.ramp(), SOPInstanceUID=image_id), folder / f"{image_id}.dcm"))
+        (
+            image_id,
+            factory.save(factory.dataset(bad_inputs.ramp(), SOPInstanceUID=image_id), folder / f"{image_id}.dcm"),
+        )
         for image_id in ("1.2.4", "1.2.5", "1.2.6")
     ]
 

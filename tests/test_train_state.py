@@ -11,7 +11,7 @@ from flax import nnx
 
 from siim_jax import losses, optim, sharding
 from siim_jax.configs import defaults
-from siim_jax.train_state import create_train_state, make_train_step
+from siim_jax.train_state import build_train_state, make_train_step
 from tests.conftest import reference_import
 from tests.tiny_model import TinySegmenter, random_batch
 
@@ -25,7 +25,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def run_optax(config, grads: list[np.ndarray], start: np.ndarray) -> np.ndarray:
-    optimizer = optim.make_optimizer(config)
+    optimizer = optim.build_optimizer(config)
     schedule = optim.make_schedule(config, len(grads))
     params, state = start, optimizer.init(start)
     for step, grad in enumerate(grads):
@@ -88,8 +88,8 @@ def train(model, batches, *, grad_accum=1, ema_decay=0.0, seed=0):
     """Params (and EMA params) after one step per batch on a 1-device mesh."""
     mesh = sharding.data_mesh(jax.devices()[:1])
     config = optim_config(lr=0.05, ema_decay=ema_decay)
-    optimizer = optim.make_optimizer(config)
-    model_def, state = create_train_state(model, optimizer, seed, ema=ema_decay > 0)
+    optimizer = optim.build_optimizer(config)
+    model_def, state = build_train_state(model, optimizer, seed, ema=ema_decay > 0)
     state = sharding.replicate(state, mesh)
     step = make_train_step(
         model_def, losses.make_loss({"cls_weight": 0.5}), optimizer, optim.make_schedule(config, 10), mesh,

@@ -9,7 +9,7 @@ from siim_jax.evaluate import (
     PER_IMAGE_COLUMNS,
     evaluate_images,
     labelled_frame,
-    summarize,
+    summarise,
 )
 from siim_jax.metrics import challenge_dice, roc_auc
 from siim_jax.models import SegOutput
@@ -124,7 +124,7 @@ def test_evaluate_per_image_table_and_summary(labelled, tmp_path):
     assert list(table["ImageId"]) == list(frame["image_id"])
 
     predicted, truths = [], []
-    for (_, row), (bright, truth) in zip(frame.iterrows(), CASES):
+    for (_, row), (_bright, truth) in zip(frame.iterrows(), CASES):
         pixels = factory.read_back(row["path"]).pixel_array
         probs, _ = _predictor()(preprocess(pixels)[None])
         predicted.append(rule.apply(cv2.resize(probs[0], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)))
@@ -135,7 +135,7 @@ def test_evaluate_per_image_table_and_summary(labelled, tmp_path):
     np.testing.assert_array_equal(table["true_area"], [t.sum() for t in truths])
     assert per_image[0] > 0.9 and per_image[1] == 1 and per_image[2] == 0 and per_image[3] == 0
 
-    summary = summarize(table)
+    summary = summarise(table)
     assert summary["dice"] == pytest.approx(challenge_dice(predicted, truths))
     positive = [t.any() for t in truths]
     assert summary["dice_positive"] == pytest.approx(np.mean([d for d, p in zip(per_image, positive) if p]))

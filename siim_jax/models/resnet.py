@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from siim_jax.models.layers import BatchNorm, SqueezeExcite, call, conv, max_pool_3x3_s2, ENCODER_INIT
+from siim_jax.models.layers import ENCODER_INIT, BatchNorm, SqueezeExcite, call, conv, max_pool_3x3_s2
 
 
 class Projection(nnx.Module):

@@ -108,12 +108,12 @@ def run_jax(job: Job, settings: Settings, report) -> dict:
     from siim_jax.configs import defaults
     from siim_jax.data import pipeline
     from siim_jax.losses import make_loss
-    from siim_jax.train_state import create_train_state, make_train_step
+    from siim_jax.train_state import build_train_state, make_train_step
 
     mesh = sharding_lib.data_mesh()
     optim_config = defaults.default_optim_config()
-    optimizer = optim.make_optimizer(optim_config)
-    model_def, state = create_train_state(bench_model(job), optimizer, seed=0, ema=False)
+    optimizer = optim.build_optimizer(optim_config)
+    model_def, state = build_train_state(bench_model(job), optimizer, seed=0, ema=False)
     state = sharding_lib.replicate(state, mesh)
     schedule = optim.make_schedule(optim_config, settings.steps + settings.warmup)
     step = make_train_step(model_def, make_loss(BCE_DICE), optimizer, schedule, mesh)
