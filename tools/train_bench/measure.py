@@ -1,14 +1,13 @@
-"""The parts measured in a child process: the JAX train step, the end-to-end run on the input pipeline,
-prediction and the probe. Heavy imports happen inside the parts, so that each child loads only its own."""
+"""The parts measured in a child process: the JAX train step, the end-to-end run on the input pipeline and the
+probe. Heavy imports happen inside the parts, so that each child loads only its own."""
 
 from __future__ import annotations
 
 import math
 import os
 import time
-from pathlib import Path
 
-from train_bench.plan import STAGE2_IMAGES, Job, Settings
+from train_bench.plan import Job, Settings
 
 BCE_DICE = {"weights": {"bce": 1.0, "dice": 1.0}}  # the loss of the PyTorch reference runs, on both sides
 
@@ -54,25 +53,31 @@ def peak_device_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def bench_model(job: Job):
-    """The UNet of `job` in bfloat16 compute, without the classification head (smp.Unet has none)."""
-    from siim_jax.configs.defaults import default_model_config
-    from siim_jax.train import init_model
+def bench_data_config(settings: Settings, size: int, workers: int):
+    """The data config of a training run on the prepared synthetic set, without class balancing."""
+    from siim_jax.configs import defaults
+    from train_bench.data import prepared_dir
 
-    config = default_model_config()
-    config.update({"encoder": job.model, "dtype": "bfloat16", "cls_head": False})
-    return init_model(config, seed=0)
+    config = defaults.default_data_config()
+    config.update({"prepared_dir": str(prepared_dir(settings, size)), "image_size": size, "workers": workers})
+    config.balance.mode = "none"
+    return config
 
 
-def random_batch(batch: int, size: int, seed: int = 0) -> dict:
-    import numpy as np
+def pipeline_batch(settings: Settings, size: int, batch_size: int, sharding) -> dict:
+    """One training batch as the input pipeline hands it to the step (so the pure step sees the same shapes and
+    dtypes as the end-to-end run), on the mesh."""
+    from siim_jax.data import pipeline
+    from siim_jax.train_state import TRAIN_INPUTS
 
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.standard_normal((batch, size, size, 3), np.float32),
-        "mask": (rng.random((batch, size, size, 1)) < 0.5).astype(np.float32),
-        "positive": np.ones(batch, np.float32),
-    }
+    config = bench_data_config(settings, size, workers=0)
+    iterator = pipeline.train_iterator(config, pipeline.build_datasets(config).train, [0], batch_size,
+                                       sharding=sharding)  # fmt: skip
+    try:
+        batch = next(iterator)
+    finally:
+        iterator.close()
+    return {name: batch[name] for name in TRAIN_INPUTS}
 
 
 class StepRunner:
@@ -106,18 +111,20 @@ def run_jax(job: Job, settings: Settings, report) -> dict:
     from siim_jax import optim
     from siim_jax import sharding as sharding_lib
     from siim_jax.configs import defaults
-    from siim_jax.data import pipeline
     from siim_jax.losses import make_loss
+    from siim_jax.train import init_model
     from siim_jax.train_state import build_train_state, make_train_step
+    from train_bench.data import bench_model_config
 
     mesh = sharding_lib.data_mesh()
     optim_config = defaults.default_optim_config()
     optimizer = optim.build_optimizer(optim_config)
-    model_def, state = build_train_state(bench_model(job), optimizer, seed=0, ema=False)
+    model_def, state = build_train_state(init_model(bench_model_config(job.model), seed=0), optimizer, seed=0,
+                                         ema=False)  # fmt: skip
     state = sharding_lib.replicate(state, mesh)
     schedule = optim.make_schedule(optim_config, settings.steps + settings.warmup)
     step = make_train_step(model_def, make_loss(BCE_DICE), optimizer, schedule, mesh)
-    batch = pipeline.to_device(random_batch(job.batch, job.size), sharding_lib.batch_sharding(mesh))  # as e2e's
+    batch = pipeline_batch(settings, job.size, job.batch, sharding_lib.batch_sharding(mesh))
 
     start = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -155,48 +162,26 @@ def run_jax(job: Job, settings: Settings, report) -> dict:
     return result
 
 
-def prepared_synthetic(cache: Path, n_images: int, size: int):
-    """(prepared dir, index frame) of `n_images` synthetic radiographs prepared at `size`, cached in `cache`."""
-    import shutil
-
-    from siim_jax.data import layout, synthetic, tfds_siim
-
-    raw = cache / f"synthetic-{n_images}"
-    if not (raw / layout.TRAIN_CSV).is_file():  # written last: its absence means an unfinished folder
-        shutil.rmtree(raw, ignore_errors=True)
-        processes = min(8, os.cpu_count() or 1, max(1, n_images // 8))
-        synthetic.generate(raw, n_images, 0, seed=0, processes=processes, progress=False)
-    prepared = cache / f"prepared-{n_images}"
-    builder = tfds_siim.prepare(raw, size, prepared)  # a no-op when this size is already there
-    return prepared, tfds_siim.index_frame(builder, "train").query("record >= 0")
-
-
 def run_e2e(job: Job, settings: Settings, runner: StepRunner, mesh, pure_images_per_s: float) -> dict:
-    """The compiled step fed by `train_iterator` (augmentation, workers, device prefetch) for `e2e_steps` steps.
+    """The compiled step fed by `train_iterator` (augmentation, `workers` processes, device prefetch) on the
+    prepared synthetic set for `e2e_steps` steps, over as many epochs as that takes (no iterator restart).
 
-    The frame lists the prepared images many times over so that one epoch covers the run (no iterator restart).
     Timing starts once as many batches as the workers and the device prefetch can hold have been consumed, so
     that batches made while the workers started up do not count.
     """
-    import pandas as pd
-
     from siim_jax import sharding as sharding_lib
-    from siim_jax.configs import defaults
     from siim_jax.data import pipeline
     from siim_jax.train_state import TRAIN_INPUTS
 
-    start = time.perf_counter()
-    prepared, frame = prepared_synthetic(Path(settings.cache), settings.e2e_images, job.size)
-    prepare_s = time.perf_counter() - start
-    config = defaults.default_data_config()
-    config.update({"prepared_dir": str(prepared), "image_size": job.size, "workers": settings.workers})
-    config.balance.mode = "none"
+    config = bench_data_config(settings, job.size, settings.workers)
+    frame = pipeline.build_datasets(config).train
     buffered = settings.workers * config.prefetch + 2  # 2: the pipeline's device prefetch
     warmup = max(settings.warmup, buffered)
-    frame = pd.concat([frame] * math.ceil((warmup + settings.e2e_steps) * job.batch / len(frame)), ignore_index=True)
+    epochs = math.ceil((warmup + settings.e2e_steps) / pipeline.steps_per_epoch(config, frame, 0, job.batch))
 
     start = time.perf_counter()
-    iterator = pipeline.train_iterator(config, frame, [0], job.batch, sharding=sharding_lib.batch_sharding(mesh))
+    iterator = pipeline.train_iterator(config, frame, range(epochs), job.batch,
+                                       sharding=sharding_lib.batch_sharding(mesh))  # fmt: skip
 
     def fed_step():
         batch = next(iterator)
@@ -217,41 +202,8 @@ def run_e2e(job: Job, settings: Settings, runner: StepRunner, mesh, pure_images_
         "workers": settings.workers,
         "warmup_steps": warmup,
         "steps": settings.e2e_steps,
-        "distinct_images": settings.e2e_images,
+        "train_images": len(frame),
         "first_batch_s": first_batch_s,
-        "prepare_s": prepare_s,
-    }
-
-
-def run_predict(job: Job, settings: Settings, report) -> dict:
-    """`Predictor` with hflip TTA: the next batch is dispatched before the previous one is fetched."""
-    import numpy as np
-
-    from siim_jax.predict import Predictor
-
-    predictor = Predictor(bench_model(job), batch_size=job.batch, tta_hflip=True)
-    images = np.random.default_rng(0).standard_normal((job.batch, job.size, job.size, 3), np.float32)
-    start = time.perf_counter()
-    predictor(images)
-    compile_s = time.perf_counter() - start
-    predictor(images)
-    start = time.perf_counter()
-    pending = predictor.dispatch(images)
-    for _ in range(settings.predict_batches - 1):
-        dispatched = predictor.dispatch(images)
-        predictor.fetch(pending)
-        pending = dispatched
-    probs, _ = predictor.fetch(pending)
-    seconds = time.perf_counter() - start
-    if not np.isfinite(probs).all():
-        raise FloatingPointError("non-finite probabilities")
-    images_per_s = job.batch * settings.predict_batches / seconds
-    return {
-        **device_report(),
-        "images_per_s": images_per_s,
-        "stage2_projected_s": STAGE2_IMAGES / images_per_s,
-        "compile_s": compile_s,
-        "peak_gb": gigabytes(peak_device_bytes()),
     }
 
 

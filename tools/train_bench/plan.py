@@ -1,13 +1,20 @@
-"""What a run measures: its settings, its parts (jobs) and their order of priority."""
+"""What a run measures: its settings, its parts (jobs), their order of priority and their time budgets."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 STAGE2_IMAGES = 3205
-DEFAULT_BATCHES = {512: (32, 16), 1024: (8,)}
-# Usual seconds of each part on one H100 (startup + compile + timing), for the budget; guesses until measured.
-ESTIMATE_S = {"jax": 75.0, "e2e": 35.0, "torch": 20.0, "torch_compile": 60.0, "predict": 40.0}
+DEFAULT_BATCHES = {512: (32,), 1024: (8,)}
+# Usual seconds of each part on one H100/H200 (process start, compilation and timing), from the device README's
+# figures (JAX compiles 40-75 s, torch.compile alike; smp eager 364 img/s at 512²x32). A part is skipped when its
+# estimate no longer fits in what is left of the budget, and stopped after PART_LIMIT times its estimate.
+ESTIMATE_S = {
+    "probe": 10.0, "data": 25.0, "jax": 70.0, "e2e": 20.0, "torch": 15.0, "torch_compile": 60.0, "predict": 50.0,
+}  # fmt: skip
+PART_LIMIT = 2.0
+SMOKE_LIMIT_S = 900.0  # a smoke part on a busy CPU; the budget still bounds the whole run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,15 +29,15 @@ class Settings:
     e2e_steps: int
     predict_size: int
     predict_batch: int
-    predict_batches: int
+    predict_images: int
     cache: str
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    kind: str  # 'probe', 'jax', 'torch' or 'predict'
-    model: str = ""
-    size: int = 0
+    kind: str  # 'probe', 'data', 'jax', 'torch' or 'predict'
+    model: str = ""  # data: the model that predict loads
+    size: int = 0  # data: the training size to prepare
     batch: int = 0
     compile: bool = False  # torch: also torch.compile
     e2e: bool = False  # jax: also the end-to-end run on the input pipeline
@@ -43,14 +50,25 @@ class Job:
     def label(self) -> str:
         if not self.model:
             return self.kind
+        if not self.batch:
+            return f"{self.kind} {self.model} {self.size}²"
         extras = "+compile" * self.compile + "+e2e" * self.e2e
         return f"{self.kind}{extras} {self.model} {self.size}²x{self.batch}"
+
+    @property
+    def file_stem(self) -> str:
+        """The label as a file name: letters, digits, '-' and '_' only (a remote run returns no other names)."""
+        return re.sub(r"[^A-Za-z0-9_-]", "_", self.label.replace("+", "-").replace("²", ""))
 
     def estimate_s(self, smoke: bool) -> float:
         if smoke:
             return 0.0
         extras = ESTIMATE_S["torch_compile"] * self.compile + ESTIMATE_S["e2e"] * self.e2e
-        return ESTIMATE_S.get(self.kind, 0.0) + extras
+        return ESTIMATE_S[self.kind] + extras
+
+    def limit_s(self, smoke: bool) -> float:
+        """The longest this part may run (the budget's end may stop it sooner)."""
+        return SMOKE_LIMIT_S if smoke else PART_LIMIT * self.estimate_s(smoke)
 
 
 def batches_for(size: int, override: list[int] | None) -> tuple[int, ...]:
@@ -75,11 +93,11 @@ def select_cases(models, sizes, batches, every_case: bool) -> tuple[list[tuple],
 
 
 def plan_jobs(args, settings: Settings) -> list[Job]:
-    """Parts in priority order: the first model's goal case (jax with e2e, torch), predict, the other models'
-    goal cases, then the remaining cases."""
+    """Parts in priority order: the synthetic data; the first model's goal case (jax with e2e, torch); predict
+    (one goal in about 50 s); the other models' goal cases; the remaining cases."""
     goals, others = select_cases(args.models, args.sizes, args.batches, args.every_case)
     compile_torch = not settings.smoke
-    jobs = []
+    jobs = [Job("data", args.models[0], goals[0][1])]
     for index, case in enumerate(goals):
         jobs.append(Job("jax", *case, e2e=index == 0 and not args.skip_e2e))
         jobs.append(Job("torch", *case, compile=compile_torch))

@@ -12,14 +12,17 @@ import time
 import traceback
 from pathlib import Path
 
-from train_bench.measure import failure, run_jax, run_predict, run_probe
+from train_bench.data import run_data
+from train_bench.measure import failure, run_jax, run_probe
 from train_bench.peers import run_torch
 from train_bench.plan import Job, Settings
+from train_bench.prediction import run_predict
 from train_bench.report import progress_summary
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "bench_train.py"  # a child runs it with --one
 
-CHILDREN = {"probe": run_probe, "jax": run_jax, "torch": run_torch, "predict": run_predict}
+CHILDREN = {"probe": run_probe, "data": run_data, "jax": run_jax, "torch": run_torch, "predict": run_predict}
+CPU_ONLY = {"data"}  # parts that must leave the GPU to the others (JAX would take most of its memory)
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -70,6 +73,8 @@ def run_child(job: Job, settings: Settings, env: dict, log_path: Path, timeout_s
     result_path.unlink(missing_ok=True)
     spec = json.dumps({"job": dataclasses.asdict(job), "settings": dataclasses.asdict(settings)})
     command = [sys.executable, str(ENTRY_POINT), "--one", spec, "--result", str(result_path)]
+    if job.kind in CPU_ONLY:
+        env = {**env, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -80,7 +85,7 @@ def run_child(job: Job, settings: Settings, env: dict, log_path: Path, timeout_s
         end_session(process)
     result = json.loads(result_path.read_text()) if result_path.is_file() else None
     if timed_out:
-        stopped = {"status": "timeout", "note": f"stopped after {timeout_s:.0f} s, the end of the budget"}
+        stopped = {"status": "timeout", "note": f"stopped after {timeout_s:.0f} s, its share of the budget"}
         if result is None:
             return stopped
         # A result written before the stop lacks only the sub-part that was running.
@@ -93,7 +98,8 @@ def run_child(job: Job, settings: Settings, env: dict, log_path: Path, timeout_s
 
 
 def run_plan(jobs: list[Job], settings: Settings, args, env: dict, started: float) -> list[tuple[Job, dict]]:
-    """Runs the parts in order within the budget; a torch part follows its case's jax part into a skip."""
+    """Runs the parts in order within the budget: a part whose estimate no longer fits is skipped (a torch part
+    follows its case's jax part into a skip), a running one is stopped at its limit or at the budget's end."""
     done, skipped_cases = [], set()
     for index, job in enumerate(jobs):
         remaining = args.budget_s - (time.perf_counter() - started)
@@ -102,11 +108,11 @@ def run_plan(jobs: list[Job], settings: Settings, args, env: dict, started: floa
             result = {"status": "skipped", "note": "its jax part was skipped"}
         elif remaining < max(estimate, 5.0):
             usual = f", usually takes {estimate:.0f} s" if estimate else ""
-            result = {"status": "skipped", "note": f"budget: {remaining:.0f} s left{usual}"}
+            result = {"status": "skipped", "note": f"budget: {max(remaining, 0):.0f} s left{usual}"}
             skipped_cases.add(job.case)
         else:
-            log_path = args.logs / f"{index:02d}-{job.label.replace(' ', '_').replace('²', '')}.log"
-            result = run_child(job, settings, env, log_path, remaining)
+            log_path = args.logs / f"{index:02d}-{job.file_stem}.log"
+            result = run_child(job, settings, env, log_path, min(remaining, job.limit_s(settings.smoke)))
         done.append((job, result))
         print(f"[{time.perf_counter() - started:5.0f} s] {job.label}: {progress_summary(result)}", flush=True)
     return done
