@@ -7,6 +7,7 @@ import math
 import os
 import time
 
+from train_bench.data import bench_model_config, prepared_dir
 from train_bench.plan import Job, Settings
 
 BCE_DICE = {"weights": {"bce": 1.0, "dice": 1.0}}  # the loss of the PyTorch reference runs, on both sides
@@ -56,7 +57,6 @@ def peak_device_bytes() -> int | None:
 def bench_data_config(settings: Settings, size: int, workers: int):
     """The data config of a training run on the prepared synthetic set, without class balancing."""
     from siim_jax.configs import defaults
-    from train_bench.data import prepared_dir
 
     config = defaults.default_data_config()
     config.update({"prepared_dir": str(prepared_dir(settings, size)), "image_size": size, "workers": workers})
@@ -114,7 +114,6 @@ def run_jax(job: Job, settings: Settings, report) -> dict:
     from siim_jax.losses import make_loss
     from siim_jax.train import init_model
     from siim_jax.train_state import build_train_state, make_train_step
-    from train_bench.data import bench_model_config
 
     mesh = sharding_lib.data_mesh()
     optim_config = defaults.default_optim_config()

@@ -38,11 +38,14 @@ def run_predict(job: Job, settings: Settings, report) -> dict:
     from siim_jax.data import layout
 
     items_dir = synthetic_root(settings) / layout.TEST_DIR
+    checkpoint = model_dir(settings, job.model)
+    if not (checkpoint / "model_config.json").is_file():  # written last by model_io.save_model
+        raise FileNotFoundError(f"{checkpoint}: no model directory (the data part writes it, and did not finish)")
     start = time.perf_counter()
     from siim_jax.predict import Inference, submission_items
 
     imported = time.perf_counter()
-    inference = Inference.from_checkpoint(model_dir(settings, job.model), image_size=job.size, batch_size=job.batch,
+    inference = Inference.from_checkpoint(checkpoint, image_size=job.size, batch_size=job.batch,
                                           tta=True, workers=settings.workers, progress=False)  # fmt: skip
     restored = time.perf_counter()
     items = submission_items(items_dir)
