@@ -210,7 +210,9 @@ def run_probe(job: Job, settings: Settings, report) -> dict:
     from importlib import metadata
 
     versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "grain", "torch", "segmentation-models-pytorch"):
+    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "pydicom",
+                "pylibjpeg", "albumentations", "torch", "segmentation-models-pytorch")  # fmt: skip
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
