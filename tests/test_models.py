@@ -64,11 +64,20 @@ def bfloat16_unet(small_unet) -> UNet:
     return model
 
 
-def test_bfloat16_compute_follows_float32(small_unet, bfloat16_unet):
-    x = jnp.ones((2, 70, 98, 3))
+def test_bfloat16_compute_gives_the_float32_masks_and_classes(small_unet, bfloat16_unet):
+    """Judged by what the logits are for: thresholded at 0 (probability 0.5), bfloat16's masks and classes are
+    float32's, except at pixels whose float32 logit lies within bfloat16's rounding of the threshold. bfloat16 keeps
+    8 significant bits; over the net's ~20 rounded layers the logits move by about 3% of their RMS, so a flip is
+    allowed only where |logit| < 0.25·RMS, and on at most 1% of pixels (measured: 0.5%, margin 0.12·RMS).
+    Parameters rounded to float8 (4 significant bits) flip 3% of pixels, some at 1.3·RMS."""
+    x = jax.random.normal(jax.random.key(0), (2, 70, 98, 3))
     for ours, reference in zip(_forward(bfloat16_unet, x), _forward(small_unet, x)):
         assert ours.dtype == jnp.float32
-        assert np.abs(np.asarray(ours - reference)).max() < 0.05 * np.abs(np.asarray(reference)).max()
+        ours, reference = np.asarray(ours), np.asarray(reference)
+        flipped = (ours > 0) != (reference > 0)
+        assert flipped.mean() <= 0.01
+        rms = np.sqrt(np.mean(reference**2))
+        assert np.all(np.abs(reference[flipped]) < 0.25 * rms), np.abs(reference[flipped]).max() / rms
 
 
 def test_bfloat16_training_keeps_float32_parameters_and_statistics(bfloat16_unet):
