@@ -1,4 +1,5 @@
 """Shared fixtures and the one way tests reach optional references (PyTorch and friends, the real challenge files).
+Plain helpers (models, masks, configs) are in helpers.py.
 
 A missing reference skips its tests on a developer's machine, but fails them when the environment variable CI is
 "true": CI installs every reference and provides ../shared/siim-real, so a skip there means a check silently not run.
@@ -11,6 +12,8 @@ from types import ModuleType
 from typing import NoReturn
 
 import pytest
+
+from tests.helpers import N_TEST, N_TRAIN
 
 SIIM_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "siim-real"
 REAL_DICOM = SIIM_REAL / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -38,3 +41,23 @@ def siim_real() -> Path:
     if not SIIM_REAL.is_dir():
         missing_reference(f"real challenge files not found at {SIIM_REAL} (CI provides ../shared/siim-real)")
     return SIIM_REAL
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory) -> Path:
+    """A small synthetic challenge tree (helpers.N_TRAIN training and N_TEST test images), shared read-only."""
+    from siim_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "tree"
+    synthetic.generate(root, N_TRAIN, N_TEST, seed=3, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """Training builds `tests.tiny_model`'s tiny net in place of the UNet (for tests of the loop, not the net)."""
+    from siim_jax import models, train
+    from tests.tiny_model import build_tiny_model
+
+    monkeypatch.setattr(models, "build_model", build_tiny_model)
+    monkeypatch.setattr(train, "build_model", build_tiny_model)

@@ -7,12 +7,11 @@ import pytest
 from siim_jax.configs import defaults
 from siim_jax.data import pipeline
 
-from .pipeline_fixtures import (
+from .helpers import (
     IMAGE_SIZE,
     N_TEST,
     corrupt_copy,
     data_config,
-    synthetic_tree,  # noqa: F401 (a fixture)
 )
 
 

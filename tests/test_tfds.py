@@ -9,13 +9,12 @@ from siim_jax.data import pipeline, tfds_siim
 from siim_jax.data.decode import decode_example
 from siim_jax.data.labels import build_index
 
-from .pipeline_fixtures import (
+from .helpers import (
     IMAGE_SIZE,
     N_TEST,
     N_TRAIN,
     corrupt_copy,
     data_config,
-    synthetic_tree,  # noqa: F401 (a fixture)
 )
 
 

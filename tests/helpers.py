@@ -1,0 +1,57 @@
+"""Plain helpers shared by the tests: small models, masks, synthetic-tree settings. Fixtures live in conftest.py;
+`tiny_model` (a fast stand-in for the UNet), `dicom_factory` (DICOMs built in memory) and `bad_inputs` (the
+corpus of bad files) are helper modules of their own."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from siim_jax.configs.defaults import default_data_config
+from siim_jax.models import SegOutput
+
+# The session's `synthetic_tree` (conftest.py): its size, and the image size the pipeline tests train at.
+N_TRAIN, N_TEST = 12, 3
+IMAGE_SIZE = 32
+
+
+class Brightness(nnx.Module):
+    """Mask logits that grow with the (normalised) input's brightness, so masks follow the bright pixels; with
+    `class_head`, a class logit too (the mean mask logit)."""
+
+    def __init__(self, class_head: bool = True):
+        self.class_head = class_head
+
+    def __call__(self, x, *, train):
+        logits = 6.0 * x[..., :1] - 3.0
+        return SegOutput(logits, logits.mean(axis=(1, 2)) if self.class_head else None)
+
+
+def square(size: int, top: int, left: int, side: int) -> np.ndarray:
+    """A boolean size x size mask holding one side x side square."""
+    mask = np.zeros((size, size), bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def corrupt_copy(tree: Path, destination: Path) -> tuple[Path, str]:
+    """A copy of `tree` with one training DICOM truncated; returns the copy and that file's ImageId."""
+    shutil.copytree(tree, destination)
+    victim = sorted((destination / "dicom-images-train").rglob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:3000])
+    return destination, victim.stem
+
+
+def data_config(root: Path, **overrides):
+    """The data config of the pipeline tests over `root`: IMAGE_SIZE, 3 folds, no prefetch."""
+    config = default_data_config()
+    config.root = str(root)
+    config.image_size = IMAGE_SIZE
+    config.n_folds = 3
+    config.prefetch = 0
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
