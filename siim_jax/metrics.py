@@ -53,15 +53,6 @@ def iou_from_areas(intersection, pred_area, true_area) -> np.ndarray:
     return np.where(union == 0, 1.0, intersection / np.maximum(union, 1.0))
 
 
-def challenge_dice(pred_masks, true_masks) -> float:
-    """Mean challenge Dice over images of boolean masks (N, H, W) (any shape with the batch first)."""
-    pred = np.asarray(pred_masks, bool).reshape(len(pred_masks), -1)
-    truth = np.asarray(true_masks, bool).reshape(len(true_masks), -1)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} != truth shape {truth.shape} (flattened per image)")
-    return float(np.mean(dice_from_areas((pred & truth).sum(1), pred.sum(1), truth.sum(1))))
-
-
 def roc_auc(scores, labels) -> float:
     """Exact ROC AUC as the Mann-Whitney U statistic (ties count one half); NaN with only one class."""
     scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel()

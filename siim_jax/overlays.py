@@ -67,10 +67,6 @@ def write_png(path, rgb: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def read_png(path) -> np.ndarray:
-    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-
-
 def _tile(rgb: np.ndarray, caption: str, size: int) -> np.ndarray:
     """`rgb` fitted into a black size x size square, with the caption written along its top."""
     tile = np.zeros((size, size, 3), np.uint8)

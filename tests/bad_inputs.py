@@ -21,6 +21,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLS
 from siim_jax.data.dicom import DicomImage
 
 from . import dicom_factory as factory
+from .dicom_factory import ramp
 
 # ------------------------------------------------------------------------------------------------ DICOM files
 
@@ -40,10 +41,6 @@ class DicomCase:
     header_error: str | None = None
     decode_error: str | None = None
     check: Callable[[DicomImage], None] | None = None
-
-
-def ramp(height: int = 64, width: int = 48, dtype=np.uint8, top: int = 255) -> np.ndarray:
-    return np.linspace(0, top, height * width).reshape(height, width).astype(dtype)
 
 
 def _saved(make: Callable[[], pydicom.Dataset], name: str) -> Callable[[Path], Path]:

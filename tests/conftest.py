@@ -7,6 +7,7 @@ A missing reference skips its tests on a developer's machine, but fails them whe
 
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -44,13 +45,28 @@ def siim_real() -> Path:
 
 
 @pytest.fixture(scope="session")
-def synthetic_tree(tmp_path_factory) -> Path:
-    """A small synthetic challenge tree (helpers.N_TRAIN training and N_TEST test images), shared read-only."""
+def synthetic_trees(tmp_path_factory) -> Callable[..., Path]:
+    """`make(n_train, n_test=0, seed=0, **options)`: the synthetic challenge tree `synthetic.generate` writes with
+    these arguments, written once a session. Shared: copy it before changing it."""
     from siim_jax.data import synthetic
 
-    root = tmp_path_factory.mktemp("synthetic") / "tree"
-    synthetic.generate(root, N_TRAIN, N_TEST, seed=3, progress=False)
-    return root
+    trees = {}
+
+    def make(n_train: int, n_test: int = 0, seed: int = 0, **options) -> Path:
+        key = (n_train, n_test, seed, tuple(sorted(options.items())))
+        if key not in trees:
+            root = tmp_path_factory.mktemp("synthetic") / "tree"
+            synthetic.generate(root, n_train, n_test, seed=seed, progress=False, **options)
+            trees[key] = root
+        return trees[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(synthetic_trees) -> Path:
+    """The pipeline tests' tree: helpers.N_TRAIN training and N_TEST test images."""
+    return synthetic_trees(N_TRAIN, N_TEST, seed=3)
 
 
 @pytest.fixture

@@ -25,6 +25,11 @@ from pydicom.uid import (
 )
 
 
+def ramp(height: int = 64, width: int = 48, dtype=np.uint8, top: int = 255) -> np.ndarray:
+    """Pixels rising linearly from 0 to `top` in reading order."""
+    return np.linspace(0, top, height * width).reshape(height, width).astype(dtype)
+
+
 def dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", **elements) -> Dataset:
     """An uncompressed single-frame dataset holding `pixels` (uint8/uint16 HxW, or uint8 HxWx3 RGB)."""
     ds = Dataset()

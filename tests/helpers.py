@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from siim_jax.configs.defaults import default_data_config
 from siim_jax.models import SegOutput
@@ -35,6 +36,22 @@ def square(size: int, top: int, left: int, side: int) -> np.ndarray:
     mask = np.zeros((size, size), bool)
     mask[top : top + side, left : left + side] = True
     return mask
+
+
+def challenge_dice(pred_masks, true_masks) -> float:
+    """The challenge's metric, written out as its definition: the mean over images of 2|X∩Y| / (|X| + |Y|), where
+    an image whose masks are both empty scores 1. Masks are boolean, batch first."""
+    scores = []
+    for pred, truth in zip(np.asarray(pred_masks, bool), np.asarray(true_masks, bool), strict=True):
+        total = pred.sum() + truth.sum()
+        scores.append(1.0 if total == 0 else 2.0 * np.logical_and(pred, truth).sum() / total)
+    return float(np.mean(scores))
+
+
+def read_png(path) -> np.ndarray:
+    """An RGB PNG as a uint8 (H, W, 3) array, read with Pillow (the project writes them with OpenCV)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def corrupt_copy(tree: Path, destination: Path) -> tuple[Path, str]:

@@ -21,11 +21,6 @@ from . import dicom_factory as factory
 from .conftest import REAL_DICOM
 
 
-def _gradient(height=48, width=64, dtype=np.uint8, top=255):
-    values = np.linspace(0, top, height * width).reshape(height, width)
-    return values.astype(dtype)
-
-
 def test_real_challenge_dicom(siim_real):
     image = read_dicom(REAL_DICOM)
     assert image.pixels.shape == (1024, 1024) and image.pixels.dtype == np.uint8
@@ -65,7 +60,7 @@ def test_garbage_bytes_in_jpeg(siim_real, tmp_path):
 
 
 def test_uncompressed_rle_and_jpeg_8bit(tmp_path):
-    pixels = _gradient()
+    pixels = factory.ramp(48, 64)
     plain = read_dicom(factory.save(factory.dataset(pixels), tmp_path / "plain.dcm"))
     np.testing.assert_array_equal(plain.pixels, pixels)
     rle = read_dicom(factory.save(factory.rle_dataset(pixels), tmp_path / "rle.dcm"))
@@ -76,7 +71,7 @@ def test_uncompressed_rle_and_jpeg_8bit(tmp_path):
 
 
 def test_16bit_monochrome1_window_matches_pydicom(tmp_path):
-    stored = _gradient(dtype=np.uint16, top=4095)
+    stored = factory.ramp(48, 64, dtype=np.uint16, top=4095)
     ds = factory.dataset(stored, photometric="MONOCHROME1", BitsStored=12, WindowCenter=2048, WindowWidth=2000)
     path = factory.save(ds, tmp_path / "window.dcm")
     image = read_dicom(path)
@@ -88,7 +83,7 @@ def test_16bit_monochrome1_window_matches_pydicom(tmp_path):
 
 
 def test_16bit_voi_lut_sequence(tmp_path):
-    stored = _gradient(dtype=np.uint16, top=1023)
+    stored = factory.ramp(48, 64, dtype=np.uint16, top=1023)
     ds = factory.dataset(stored, BitsStored=10)
     item = pydicom.Dataset()
     lut = [int(v) for v in np.sqrt(np.arange(1024) / 1023 * 255**2)]
@@ -101,7 +96,7 @@ def test_16bit_voi_lut_sequence(tmp_path):
 
 
 def test_16bit_without_window_uses_value_range(tmp_path):
-    stored = (_gradient(dtype=np.uint16, top=1000) + 3000).astype(np.uint16)
+    stored = (factory.ramp(48, 64, dtype=np.uint16, top=1000) + 3000).astype(np.uint16)
     image = read_dicom(factory.save(factory.dataset(stored), tmp_path / "range.dcm"))
     assert image.pixels.min() == 0 and image.pixels.max() == 255
 
@@ -118,59 +113,19 @@ def test_rgb_to_grey(tmp_path):
 
 @pytest.mark.parametrize("shape", [(512, 512), (37, 91)])
 def test_any_size_keeps_original_size(tmp_path, shape):
-    image = read_dicom(factory.save(factory.dataset(_gradient(*shape)), tmp_path / "size.dcm"))
+    image = read_dicom(factory.save(factory.dataset(factory.ramp(*shape)), tmp_path / "size.dcm"))
     assert image.original_size == shape and image.pixels.shape == shape
 
 
-def _no_pixels(tmp_path):
-    ds = factory.dataset(_gradient())
-    del ds.PixelData
-    return factory.save(ds, tmp_path / "nopixels.dcm")
-
-
-def _zero_size(tmp_path):
-    ds = factory.dataset(_gradient())
-    ds.Rows = 0
-    ds.PixelData = b""
-    return factory.save(ds, tmp_path / "zero.dcm")
-
-
-def _png(tmp_path):
-    path = tmp_path / "picture.dcm"
-    Image.fromarray(_gradient()).save(path, format="PNG")
-    return path
-
-
-def _empty_file(tmp_path):
-    path = tmp_path / "empty.dcm"
-    path.write_bytes(b"")
-    return path
-
-
-@pytest.mark.parametrize(
-    "make, reason",
-    [
-        (_no_pixels, "no pixel data"),
-        (_zero_size, "zero-size"),
-        (_png, "not a DICOM"),
-        (_empty_file, "not a DICOM|unreadable"),
-        (lambda tmp: factory.save(factory.unsupported_syntax_dataset(_gradient()), tmp / "j2k-mc.dcm"),
-         "unsupported transfer syntax JPEG 2000 Part 2"),
-        (lambda tmp: tmp / "missing.dcm", "not found"),
-    ],
-)
-def test_bad_files_raise_typed_error_naming_file(tmp_path, make, reason):
-    path = make(tmp_path)
-    with pytest.raises(DicomError, match=reason) as info:
-        read_dicom(path)
-    assert str(path) in str(info.value) and info.value.path == str(path)
+# Bad files (empty, PNG, no pixel data, zero rows, unsupported syntax, missing, ...) are cases of the corpus in
+# tests/bad_inputs.py, which test_reliability_inputs.py checks through read_header and read_dicom.
 
 
 # ------------------------------------------------------------------- every transfer syntax against pydicom's decoding
 
 _RNG = np.random.default_rng(0)
 # Noise over a gradient: smooth enough for lossy codecs to keep, rough enough to exercise every code path.
-_MONO8 = np.clip(_gradient(40, 56).astype(int) + _RNG.integers(-8, 9, (40, 56)), 0, 255).astype(np.uint8)
+_MONO8 = np.clip(factory.ramp(40, 56).astype(int) + _RNG.integers(-8, 9, (40, 56)), 0, 255).astype(np.uint8)
 _MONO12 = (_MONO8.astype(np.uint16) * 16 + _RNG.integers(0, 16, _MONO8.shape)).astype(np.uint16)
 _RGB = np.stack([_MONO8, 255 - _MONO8, np.roll(_MONO8, 7, axis=1)], axis=-1)
 

@@ -55,23 +55,8 @@ def test_sample_submissions(siim_real):
     assert len(labels.read_image_ids(siim_real / "new_sample_submission.csv")) == 1372
 
 
-@pytest.mark.parametrize(
-    "content, reason",
-    [("a,b\n1,2\n", "expected the columns"), ("ImageId,EncodedPixels\n,-1\n", "empty ImageId on line 2"), ("", "")],
-)
-def test_bad_label_files_name_the_file(tmp_path, content, reason):
-    path = tmp_path / "labels.csv"
-    path.write_text(content)
-    with pytest.raises(labels.LabelError, match=reason) as info:
-        labels.read_labels(path)
-    assert str(path) in str(info.value)
-
-
-def test_bad_rle_in_label_file_names_the_image(tmp_path):
-    path = tmp_path / "labels.csv"
-    path.write_text("ImageId,EncodedPixels\nimg-1,-1\nimg-2,5 5 5\n")
-    with pytest.raises(rle.RLEError, match="img-2"):
-        labels.per_image(labels.read_labels(path))
+# Bad label files (wrong columns, empty ImageId, zero bytes, malformed RLE naming the image, ...) are cases of the
+# corpus in tests/bad_inputs.py, which test_reliability_inputs.py checks through build_index.
 
 
 def _tree(tmp_path, ids_and_patients):

@@ -7,17 +7,11 @@ import pytest
 from siim_jax import metrics
 
 from .conftest import reference_import
-
-
-def _square(size, top, left, side):
-    mask = np.zeros((size, size), bool)
-    mask[top : top + side, left : left + side] = True
-    return mask
-
+from .helpers import challenge_dice, square
 
 EMPTY = np.zeros((8, 8), bool)
 # 4x4 square against a 4x4 square shifted by two columns: |X∩Y| = 8, |X| = |Y| = 16.
-PRED, TRUTH = _square(8, 0, 0, 4), _square(8, 0, 2, 4)
+PRED, TRUTH = square(8, 0, 0, 4), square(8, 0, 2, 4)
 
 
 @pytest.mark.parametrize(
@@ -35,11 +29,11 @@ def test_hand_made_cases(pred, truth, dice, iou):
     areas = (stats["intersection"], stats["pred_area"], stats["true_area"])
     assert metrics.dice_from_areas(*areas)[0] == pytest.approx(dice)
     assert metrics.iou_from_areas(*areas)[0] == pytest.approx(iou)
-    assert metrics.challenge_dice(pred[None], truth[None]) == pytest.approx(dice)
+    assert challenge_dice(pred[None], truth[None]) == pytest.approx(dice)
 
 
 def test_challenge_dice_averages_over_images():
-    got = metrics.challenge_dice(np.stack([EMPTY, PRED, PRED]), np.stack([EMPTY, TRUTH, EMPTY]))
+    got = challenge_dice(np.stack([EMPTY, PRED, PRED]), np.stack([EMPTY, TRUTH, EMPTY]))
     assert got == pytest.approx((1.0 + 0.5 + 0.0) / 3)
 
 
@@ -118,8 +112,8 @@ def test_summary_values_match_direct_computation():
     accumulator.add(metrics.per_image_stats(probs[..., 0], masks))
     summary = accumulator.summarise()
     positive = masks.any(axis=(1, 2))
-    assert summary["dice"] == pytest.approx(metrics.challenge_dice(pred, masks))
-    assert summary["dice_positive"] == pytest.approx(metrics.challenge_dice(pred[positive], masks[positive]))
+    assert summary["dice"] == pytest.approx(challenge_dice(pred, masks))
+    assert summary["dice_positive"] == pytest.approx(challenge_dice(pred[positive], masks[positive]))
     assert summary["auc"] == pytest.approx(_brute_force_auc(probs.reshape(len(probs), -1).max(1), positive))
     assert summary["dice_gated"] == summary["dice"]  # the score is the top pixel probability: the same verdict
 
@@ -132,4 +126,4 @@ def test_gated_dice_empties_the_masks_the_class_head_calls_negative():
     accumulator.add(metrics.per_image_stats(probs, masks, class_probs=class_probs))
     gated = (probs > 0.5) & (class_probs >= 0.5)[:, None, None]
     assert 0 < (class_probs >= 0.5).sum() < len(probs)
-    assert accumulator.summarise()["dice_gated"] == pytest.approx(metrics.challenge_dice(gated, masks))
+    assert accumulator.summarise()["dice_gated"] == pytest.approx(challenge_dice(gated, masks))

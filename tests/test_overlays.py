@@ -8,10 +8,11 @@ from siim_jax.overlays import (
     TRUE_COLOUR,
     OverlayWriter,
     contact_sheet,
-    read_png,
     render_overlay,
     safe_file_name,
 )
+
+from .helpers import read_png
 
 
 @pytest.mark.parametrize(

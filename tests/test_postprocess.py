@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from siim_jax.metrics import challenge_dice
 from siim_jax.postprocess import PostProcess, default_grid, expand_grid, grid_search
+
+from .helpers import challenge_dice
 
 # Two blobs: a 2x2 block of 0.9 (4 pixels) and a single 0.6 pixel, on a 0.1 background.
 PROB = np.full((6, 6), 0.1, np.float32)

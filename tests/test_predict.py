@@ -15,7 +15,7 @@ from siim_jax.data import rle
 from siim_jax.data.augment import normalise, resize_pair
 from siim_jax.data.dicom import DicomError
 from siim_jax.models import SegOutput
-from siim_jax.overlays import OverlayWriter, read_png
+from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
 from siim_jax.predict import (
     Inference,
@@ -29,17 +29,10 @@ from siim_jax.predict import (
 )
 
 from . import dicom_factory as factory
+from .helpers import Brightness, read_png
 
 MODEL_SIZE = 32
 DEMO_CONFIG = "demo"
-
-
-class Brightness(nnx.Module):
-    """Mask logits that grow with the input's brightness, plus a class logit: masks follow the bright pixels."""
-
-    def __call__(self, x, *, train):
-        logits = 6.0 * x[..., :1] - 3.0
-        return SegOutput(logits, logits.mean(axis=(1, 2)))
 
 
 def preprocess(pixels):
@@ -60,29 +53,29 @@ class TinyConvNet(nnx.Module):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def conv_net():
     return TinyConvNet()
 
 
-def test_hflip_tta_averages_prediction_and_mirrored_prediction(tiny_model):
+def test_hflip_tta_averages_prediction_and_mirrored_prediction(conv_net):
     images = jax.random.normal(jax.random.key(0), (2, MODEL_SIZE, MODEL_SIZE, 3))
-    probs, class_probs = predict_probabilities(tiny_model, images, tta_hflip=True)
-    plain_logits, plain_class = tiny_model(images, train=False)
-    mirrored_logits, mirrored_class = tiny_model(images[:, :, ::-1], train=False)
+    probs, class_probs = predict_probabilities(conv_net, images, tta_hflip=True)
+    plain_logits, plain_class = conv_net(images, train=False)
+    mirrored_logits, mirrored_class = conv_net(images[:, :, ::-1], train=False)
     expected = (jax.nn.sigmoid(plain_logits[..., 0]) + jax.nn.sigmoid(mirrored_logits[:, :, ::-1, 0])) / 2
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     np.testing.assert_allclose(class_probs, (jax.nn.sigmoid(plain_class) + jax.nn.sigmoid(mirrored_class))[:, 0] / 2,
                                atol=1e-6)
-    no_tta, _ = predict_probabilities(tiny_model, images, tta_hflip=False)
+    no_tta, _ = predict_probabilities(conv_net, images, tta_hflip=False)
     np.testing.assert_allclose(no_tta, jax.nn.sigmoid(plain_logits[..., 0]), atol=1e-6)
 
 
-def test_predictor_pads_a_short_batch_and_matches_eager_inference(tiny_model):
+def test_predictor_pads_a_short_batch_and_matches_eager_inference(conv_net):
     images = np.asarray(jax.random.normal(jax.random.key(1), (3, MODEL_SIZE, MODEL_SIZE, 3)))
-    predictor = Predictor(tiny_model, batch_size=4)
+    predictor = Predictor(conv_net, batch_size=4)
     assert predictor.batch_size % jax.device_count() == 0
     probs, class_probs = predictor(images)
-    expected, expected_class = predict_probabilities(tiny_model, jnp.asarray(images))
+    expected, expected_class = predict_probabilities(conv_net, jnp.asarray(images))
     assert probs.shape == (3, MODEL_SIZE, MODEL_SIZE) and class_probs.shape == (3,)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     np.testing.assert_allclose(class_probs, expected_class, atol=1e-5)

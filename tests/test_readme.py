@@ -65,7 +65,10 @@ def _argv(command: str, data: Path, shrink: bool = False) -> list[str]:
 
 SIIM_COMMANDS = _commands("siim-jax")
 TRAIN_COMMANDS = [command for command in SIIM_COMMANDS if command.split()[1] == "train"]
-RUN_COMMANDS = [c for c in SIIM_COMMANDS if c.split()[1] in ("synth", "prepare") or c.startswith("siim-jax convert unet.pth")]
+RUN_COMMANDS = [
+    command for command in SIIM_COMMANDS
+    if command.split()[1] in ("synth", "prepare") or command.startswith("siim-jax convert unet.pth")
+]
 
 
 def test_ci_runs_the_readme_test_block():

@@ -15,12 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from siim_jax import models, train
+from siim_jax import train
 from siim_jax.config_utils import ConfigError, from_dict, load_config
-from siim_jax.data import synthetic
 from siim_jax.data.dicom import DicomError, read_dicom, read_header
-from siim_jax.data.labels import LabelError, build_index
-from tests import bad_inputs
+from siim_jax.data.labels import LabelError, build_index, read_image_ids
 from tests import dicom_factory as factory
 from tests.bad_inputs import (
     BAD_ID,
@@ -37,7 +35,6 @@ from tests.bad_inputs import (
     write_tree,
 )
 from tests.conftest import reference_import
-from tests.tiny_model import build_tiny_model
 
 DEMO_CONFIG = "demo"
 
@@ -175,27 +172,21 @@ def bad_image_id(case: DicomCase) -> str:
 
 
 @pytest.fixture(scope="module")
-def tree_with_bad_inputs(tmp_path_factory) -> tuple[Path, str]:
+def tree_with_bad_inputs(synthetic_trees, tmp_path_factory) -> tuple[Path, str]:
     """8 synthetic images, every header and decode failure of the corpus as a labelled image, and a malformed
     label row for one of the synthetic images; returns the tree and that image's id."""
     root = tmp_path_factory.mktemp("bad_training") / "data"
-    summary = synthetic.generate(root, n_train=8, n_test=0, seed=2, positive_fraction=0.5, progress=False)
+    shutil.copytree(synthetic_trees(8, seed=2, positive_fraction=0.5), root)
     bad_folder = root / "dicom-images-train" / "bad"
     bad_folder.mkdir()
     for case in HEADER_FAILURES + DECODE_FAILURES:
         scratch = tmp_path_factory.mktemp(case.name)
         shutil.move(case.build(scratch), bad_folder / f"{bad_image_id(case)}.dcm")
-    bad_label_id = summary.train_ids[0]
+    bad_label_id = read_image_ids(root / "train-rle.csv")[0]
     rows = [f"{bad_image_id(case)}, -1" for case in HEADER_FAILURES + DECODE_FAILURES] + [f"{bad_label_id}, 7 7 7"]
     with open(root / "train-rle.csv", "a") as labels:
         labels.write("".join(row + "\n" for row in rows))
     return root, bad_label_id
-
-
-@pytest.fixture
-def tiny_model(monkeypatch):
-    monkeypatch.setattr(models, "build_model", build_tiny_model)
-    monkeypatch.setattr(train, "build_model", build_tiny_model)
 
 
 def run_training(root: Path, workdir: Path, *settings: str) -> int:
@@ -272,7 +263,7 @@ def test_overlays_of_hostile_dicom_ids_stay_in_their_folder(tmp_path):
     out = tmp_path / "deep" / "overlays"
     writer = OverlayWriter(out)
     for index, uid in enumerate(["../../escaped", "/tmp/absolute", "..", "a/b/../../c"]):
-        path = factory.save(factory.dataset(bad_inputs.ramp(), SOPInstanceUID=uid), tmp_path / f"{index}.dcm")
+        path = factory.save(factory.dataset(factory.ramp(), SOPInstanceUID=uid), tmp_path / f"{index}.dcm")
         image = read_dicom(path)
         assert image.image_id == uid  # the tag is read as it is ...
         writer.add(index, image.image_id, image.pixels, np.zeros_like(image.pixels, bool))

@@ -20,11 +20,10 @@ import pytest
 from flax import nnx
 
 from siim_jax.checkpoints import CHECKPOINT_DIR
-from siim_jax.data import synthetic
 from siim_jax.models import SegOutput
 from siim_jax.predict import Inference, Predictor, predict_submission
-from tests import bad_inputs, kill_worker
 from tests import dicom_factory as factory
+from tests import kill_worker
 from tests.kill_worker import forkserver, run_child  # noqa: F401 - forkserver is a fixture
 
 DEMO_CONFIG = "demo"
@@ -45,10 +44,8 @@ SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill") / "data"
-    synthetic.generate(root, n_train=10, n_test=0, seed=5, positive_fraction=0.5, progress=False)
-    return root
+def data(synthetic_trees):
+    return synthetic_trees(10, seed=5, positive_fraction=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +176,7 @@ def test_images(tmp_path_factory) -> list[tuple[str, str]]:
     return [
         (
             image_id,
-            factory.save(factory.dataset(bad_inputs.ramp(), SOPInstanceUID=image_id), folder / f"{image_id}.dcm"),
+            factory.save(factory.dataset(factory.ramp(), SOPInstanceUID=image_id), folder / f"{image_id}.dcm"),
         )
         for image_id in ("1.2.4", "1.2.5", "1.2.6")
     ]

@@ -17,12 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from siim_jax import cli, config_utils, models, train
+from siim_jax import cli, config_utils, train
 from siim_jax.checkpoints import TrainingCheckpoints, restore_for_inference
-from siim_jax.data import synthetic
 from siim_jax.logging_utils import read_history
 from tests.test_train_logging import read_events
-from tests.tiny_model import build_tiny_model
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4
 
@@ -37,10 +35,8 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic_train") / "tree"
-    synthetic.generate(root, n_train=24, n_test=0, seed=5, positive_fraction=0.5, difficulty=0.0, progress=False)
-    return root
+def synthetic_root(synthetic_trees):
+    return synthetic_trees(24, seed=5, positive_fraction=0.5, difficulty=0.0)
 
 
 def small_config(root, image_size: int = 32, **train_overrides):
@@ -58,12 +54,6 @@ def small_config(root, image_size: int = 32, **train_overrides):
         {"epochs": EPOCHS, "batch_size": 4, "eval_batch_size": 8, "log_every_steps": 2, **train_overrides}
     )
     return config
-
-
-@pytest.fixture
-def tiny_model(monkeypatch):
-    monkeypatch.setattr(models, "build_model", build_tiny_model)
-    monkeypatch.setattr(train, "build_model", build_tiny_model)
 
 
 def final_weights(workdir) -> list:

@@ -1,7 +1,6 @@
 import cv2
 import numpy as np
 import pytest
-from flax import nnx
 
 from siim_jax.data import rle
 from siim_jax.data.augment import normalise, resize_pair
@@ -11,8 +10,7 @@ from siim_jax.evaluate import (
     labelled_frame,
     summarise,
 )
-from siim_jax.metrics import challenge_dice, roc_auc
-from siim_jax.models import SegOutput
+from siim_jax.metrics import roc_auc
 from siim_jax.overlays import SHEET_NAME, OverlayWriter
 from siim_jax.postprocess import PostProcess
 from siim_jax.predict import Inference, Predictor
@@ -25,22 +23,14 @@ from siim_jax.tune import (
 )
 
 from . import dicom_factory as factory
+from .helpers import Brightness, challenge_dice, square
 
 MODEL_SIZE = 32
 SIZE = 64
 
 
-class Brightness(nnx.Module):
-    """Mask logits that follow the brightness of the normalised input: bright squares are predicted."""
-
-    def __call__(self, x, *, train):
-        return SegOutput(6.0 * x[..., :1] - 3.0, None)
-
-
 def _square(top, left, side):
-    mask = np.zeros((SIZE, SIZE), bool)
-    mask[top : top + side, left : left + side] = True
-    return mask
+    return square(SIZE, top, left, side)
 
 
 # (bright square in the image, labelled square): a hit, a true negative, a false positive, a miss, a partial hit
@@ -76,7 +66,7 @@ def preprocess(pixels):
 
 
 def _predictor():
-    return Predictor(Brightness(), batch_size=2, tta_hflip=False)
+    return Predictor(Brightness(class_head=False), batch_size=2, tta_hflip=False)
 
 
 def _inference():
