@@ -46,8 +46,10 @@ def main() -> None:
 
     jax.config.update("jax_num_cpu_devices", args.devices)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from flax import nnx
+
     from siim_jax import sharding
-    from tests.tiny_model import random_batch
+    from tests.tiny_model import TinySegmenter, random_batch
 
     sharding.initialise_distributed(args.coordinator, args.processes if args.coordinator else None,
                                     args.process_id if args.coordinator else None)
@@ -64,7 +66,8 @@ def main() -> None:
             results.update(initial)
             results.update(prefixed(f"mesh{mesh.size}/accum{accum}/final", final))
         for accum in GRADIENT_ACCUMS:
-            results.update(prefixed(f"mesh{mesh.size}/accum{accum}/gradient", step_gradient(accum, mesh, batches[0])))
+            gradient = step_gradient(TinySegmenter(dropout=0.0, rngs=nnx.Rngs(0)), accum, mesh, batches[0])
+            results.update(prefixed(f"mesh{mesh.size}/accum{accum}/gradient", gradient))
     if args.processes == 1:
         for accum in GRADIENT_ACCUMS:
             results.update(prefixed(f"accum{accum}/reference", reference_gradient(accum, batches[0])))
@@ -96,21 +99,20 @@ def train(accum: int, mesh, batches: list[dict]) -> tuple[dict, dict]:
     return initial, flat_params(state.params)
 
 
-def step_gradient(accum: int, mesh, batch: dict) -> dict:
-    """The gradient that one train step on `mesh` hands its optimizer.
+def step_gradient(model, accum: int, mesh, batch: dict) -> dict:
+    """The gradient that one train step of `model` on `mesh` hands its optimizer, `batch` being the global batch.
 
     The optimizer is SGD at momentum 0, whose trace after a step is exactly the gradient it was given: unlike
-    Adam's update, it keeps the gradient's scale. Dropout is off so that `reference_gradient` can match it.
+    Adam's update, it keeps the gradient's scale. The worker turns dropout off so that `reference_gradient` can
+    match it.
     """
     import optax
-    from flax import nnx
 
     from siim_jax import losses, sharding
     from siim_jax.train_state import build_train_state, make_train_step
-    from tests.tiny_model import TinySegmenter
 
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=0.0)
-    model_def, state = build_train_state(TinySegmenter(dropout=0.0, rngs=nnx.Rngs(0)), optimizer, seed=0, ema=False)
+    model_def, state = build_train_state(model, optimizer, seed=0, ema=False)
     step = make_train_step(
         model_def, losses.make_loss(LOSS_CONFIG), optimizer, optax.constant_schedule(1.0), mesh, grad_accum=accum
     )
@@ -151,7 +153,7 @@ def global_batch(batch: dict, mesh) -> dict:
 
     from siim_jax import sharding
 
-    rows = sharding.local_batch_size(GLOBAL_BATCH, mesh)
+    rows = sharding.local_batch_size(len(batch["image"]), mesh)
     start = jax.process_index() * rows
     return {
         name: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), values[start : start + rows])

@@ -13,6 +13,8 @@ from siim_jax import losses, optim, sharding
 from siim_jax.configs import defaults
 from siim_jax.train_state import build_train_state, make_train_step
 from tests.conftest import reference_import
+from tests.multihost_worker import step_gradient
+from tests.test_sharding import gradient_error
 from tests.tiny_model import TinySegmenter, random_batch
 
 torch = reference_import("torch")
@@ -111,6 +113,15 @@ def test_gradient_accumulation_equals_the_whole_batch_without_batch_norm():
     whole, _ = train(TinySegmenter(batch_norm=False, dropout=0.0, rngs=nnx.Rngs(0)), batches)
     accumulated, _ = train(TinySegmenter(batch_norm=False, dropout=0.0, rngs=nnx.Rngs(0)), batches, grad_accum=4)
     np.testing.assert_allclose(flat(accumulated.params), flat(whole.params), atol=1e-6)
+    # the gradients themselves, whose scale Adam's update hides
+    mesh = sharding.data_mesh(jax.devices()[:1])
+    gradient = {
+        accum: step_gradient(TinySegmenter(batch_norm=False, dropout=0.0, rngs=nnx.Rngs(0)), accum, mesh, batches[0])
+        for accum in (1, 2, 4)
+    }
+    for accum in (2, 4):
+        error = gradient_error(gradient[accum], gradient[1])
+        assert error <= 1, f"{accum} micro-batches: gradient off by {error:.3g} times its bound"
 
 
 def test_ema_follows_its_formula():
