@@ -137,8 +137,8 @@ def reference_gradient(accum: int, batch: dict) -> dict:
     loss_fn = losses.make_loss(LOSS_CONFIG)
 
     def loss(model, micro):
-        mask_logits, class_logits = model(micro["image"])
-        return loss_fn(mask_logits, micro["mask"], class_logits, micro["positive"])[0]
+        outputs = model(micro["image"], train=True)
+        return loss_fn(outputs.mask_logits, micro["mask"], outputs.class_logits, micro["positive"])[0]
 
     grad_fn = nnx.jit(nnx.grad(loss))
     with jax.default_device(jax.devices()[0]):
