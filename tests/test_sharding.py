@@ -2,9 +2,9 @@
 
 One worker process with 8 devices runs the step on meshes of 1, 2 and 8 of them. The gradient a step applies is
 compared with `multihost_worker.reference_gradient`, taken micro-batch by micro-batch on one device, for 1, 2
-and 4 micro-batches. The comparison sees the gradient's scale (a sum over
-devices where the mean belongs, a missing division by the micro-batch count, a dropped micro-batch), which
-parameters after Adam steps hide: Adam's update barely depends on it.
+and 4 micro-batches. The comparison sees the gradient's scale (a sum over devices where the mean belongs, a
+missing division by the micro-batch count, a dropped micro-batch), which parameters after Adam steps hide:
+Adam's update barely depends on it.
 """
 
 from __future__ import annotations
