@@ -5,6 +5,8 @@ corpus of bad files) are helper modules of their own."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 
 from siim_jax.configs.defaults import default_data_config
 from siim_jax.models import SegOutput
+from tests.multihost_worker import GRADIENT_ACCUMS
 
 # The session's `synthetic_tree` (conftest.py): its size, and the image size the pipeline tests train at.
 N_TRAIN, N_TEST = 12, 3
@@ -72,3 +75,48 @@ def data_config(root: Path, **overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+# ---- results of the data-parallel worker (tests/multihost_worker.py)
+
+WORKER = Path(__file__).with_name("multihost_worker.py")  # the data-parallel worker of the sharding tests
+# float32 round-off: a step's gradient differs from the reference by at most 9.5e-7 × the tensor's largest entry
+# (8 float32 epsilons) in every layout measured; the bound is 10 times that. A gradient off by a factor c fails by
+# |c - 1| / 1e-5: a sum over 2 devices where the mean belongs, or a micro-batch dropped, by more than 1e4 times.
+GRADIENT_TOLERANCE = 1e-5
+
+def run_worker(out: Path, *args: str) -> None:
+    subprocess.run([sys.executable, str(WORKER), str(out), *args], check=True, timeout=300)
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return dict(data)
+
+
+def assert_same_params(actual: dict, expected: dict, atol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], atol=atol, err_msg=name)
+
+
+def entries(results: dict, prefix: str) -> dict[str, np.ndarray]:
+    return {name.removeprefix(prefix): value for name, value in results.items() if name.startswith(prefix)}
+
+
+def gradient_error(actual: dict, reference: dict) -> float:
+    """max over tensors and entries of |actual - reference| / (GRADIENT_TOLERANCE × the tensor's max |reference|)."""
+    assert actual.keys() == reference.keys()
+    return max(
+        float(np.max(np.abs(actual[name] - expected)) / (GRADIENT_TOLERANCE * np.max(np.abs(expected))))
+        for name, expected in reference.items()
+    )
+
+
+def assert_gradients_match(results: dict, devices: int, references: dict) -> None:
+    """Each micro-batch count's step gradient on `devices` devices is within the bound of its reference."""
+    for accum in GRADIENT_ACCUMS:
+        expected = entries(references, f"accum{accum}/reference")
+        assert expected, f"no reference for {accum} micro-batches"
+        error = gradient_error(entries(results, f"mesh{devices}/accum{accum}/gradient"), expected)
+        assert error <= 1, f"{devices} devices, {accum} micro-batches: gradient off by {error:.3g} times its bound"

@@ -9,60 +9,13 @@ Adam's update barely depends on it.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.multihost_worker import GRADIENT_ACCUMS
+from tests.helpers import assert_gradients_match, assert_same_params, entries, load, run_worker
 
-WORKER = Path(__file__).with_name("multihost_worker.py")
 DEVICE_COUNTS = (1, 2, 8)
-# float32 round-off: a step's gradient differs from the reference by at most 9.5e-7 × the tensor's largest entry
-# (8 float32 epsilons) in every layout measured; the bound is 10 times that. A gradient off by a factor c fails by
-# |c - 1| / 1e-5: a sum over 2 devices where the mean belongs, or a micro-batch dropped, by more than 1e4 times.
-GRADIENT_TOLERANCE = 1e-5
-
 pytestmark = pytest.mark.xdist_group("sharding")  # the module's tests share one worker run
-
-
-def run_worker(out: Path, *args: str) -> None:
-    subprocess.run([sys.executable, str(WORKER), str(out), *args], check=True, timeout=300)
-
-
-def load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return dict(data)
-
-
-def assert_same_params(actual: dict, expected: dict, atol: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        np.testing.assert_allclose(actual[name], expected[name], atol=atol, err_msg=name)
-
-
-def entries(results: dict, prefix: str) -> dict[str, np.ndarray]:
-    return {name.removeprefix(prefix): value for name, value in results.items() if name.startswith(prefix)}
-
-
-def gradient_error(actual: dict, reference: dict) -> float:
-    """max over tensors and entries of |actual - reference| / (GRADIENT_TOLERANCE × the tensor's max |reference|)."""
-    assert actual.keys() == reference.keys()
-    return max(
-        float(np.max(np.abs(actual[name] - expected)) / (GRADIENT_TOLERANCE * np.max(np.abs(expected))))
-        for name, expected in reference.items()
-    )
-
-
-def assert_gradients_match(results: dict, devices: int, references: dict) -> None:
-    """Each micro-batch count's step gradient on `devices` devices is within the bound of its reference."""
-    for accum in GRADIENT_ACCUMS:
-        expected = entries(references, f"accum{accum}/reference")
-        assert expected, f"no reference for {accum} micro-batches"
-        error = gradient_error(entries(results, f"mesh{devices}/accum{accum}/gradient"), expected)
-        assert error <= 1, f"{devices} devices, {accum} micro-batches: gradient off by {error:.3g} times its bound"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from tests.test_sharding import WORKER, assert_gradients_match, assert_same_params, load, run_worker
+from tests.helpers import WORKER, assert_gradients_match, assert_same_params, load, run_worker
 
 
 def free_port() -> int:

@@ -13,8 +13,8 @@ from siim_jax import losses, optim, sharding
 from siim_jax.configs import defaults
 from siim_jax.train_state import build_train_state, make_train_step
 from tests.conftest import reference_import
+from tests.helpers import gradient_error
 from tests.multihost_worker import step_gradient
-from tests.test_sharding import gradient_error
 from tests.tiny_model import TinySegmenter, random_batch
 
 torch = reference_import("torch")
@@ -60,8 +60,10 @@ def test_optimizer_matches_torch_with_coupled_weight_decay_and_clipping(name, to
 
 
 def test_schedules():
-    cosine = optim.make_schedule(optim_config(schedule="warmup_cosine", lr=1.0, warmup_steps=10, final_lr_fraction=0.1), 110)
-    np.testing.assert_allclose([cosine(0), cosine(5), cosine(10), cosine(60), cosine(110)], [0, 0.5, 1, 0.55, 0.1], atol=1e-6)
+    cosine_config = optim_config(schedule="warmup_cosine", lr=1.0, warmup_steps=10, final_lr_fraction=0.1)
+    cosine = optim.make_schedule(cosine_config, 110)
+    steps = [0, 5, 10, 60, 110]
+    np.testing.assert_allclose([cosine(step) for step in steps], [0, 0.5, 1, 0.55, 0.1], atol=1e-6)
     constant = optim.make_schedule(optim_config(lr=2.0, warmup_steps=4), 100)
     np.testing.assert_allclose([constant(0), constant(2), constant(4), constant(99)], [0, 1, 2, 2], atol=1e-6)
     with pytest.raises(ValueError, match="optim.schedule"):
