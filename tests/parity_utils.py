@@ -52,8 +52,8 @@ FLOOR = 1e-2
 FLOAT64_BOUND = 1e-9
 # Adam's first update moves weights whose gradient is ~0 by lr * round-off / eps, 1e5 times their gradient's
 # round-off, and the next two gradients are taken at those weights: three steps drift apart by up to 2.4e-6 in
-# gradient units (`_adam_divisors`), measured over the seven cases. A wrong beta, eps or bias correction moves
-# steps by >1e-2.
+# gradient units (`_adam_divisors`), measured over the seven cases. Adam set up wrongly measures >1 (eps 1e-7,
+# beta1 0.8, beta2 0.99, no bias correction: 2.4 to 280, tried on test_parity_models' small case).
 ADAM_STEPS_BOUND = 1e-4
 TRAIN_BOUNDS = {
     "train-outputs": FLOAT64_BOUND,
@@ -113,11 +113,10 @@ def worst_state_difference(
     flat = {path: variable.get_value() for path, variable in nnx.to_flat_state(ours)}
     assert set(flat) == set(mapped), set(flat) ^ set(mapped)
     scales = {path: array for path, (_, array) in translate(scale, rules)[0].items()} if scale else {}
-    pairs = [
-        (np.asarray(flat[path]) * scales.get(path, 1.0), array * scales.get(path, 1.0))
+    return max(
+        measure(np.asarray(flat[path]) * scales.get(path, 1.0), array * scales.get(path, 1.0))
         for path, (_, array) in mapped.items()
-    ]
-    return max(measure(a, b) for a, b in pairs)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +172,11 @@ class Case:
     forward: Callable  # (torch model, NCHW tensor) -> tensors in the order the Flax model returns them
     source: str
     arch: str
+
+
+@functools.partial(jax.jit, static_argnames="train")  # shared: a case and its defects compile once
+def _forward(model: nnx.Module, x: jax.Array, *, train: bool):
+    return model(x, train=train)
 
 
 def _as_list(outputs) -> list:
@@ -248,7 +252,7 @@ class CaseRun:
         """One forward of the first input (float64 needs `jax.enable_x64`)."""
         model = self.flax_model(dtype)
         x = jnp.asarray(nchw_to_nhwc(self.inputs[0]), jnp.dtype(dtype))
-        return _as_list(jax.jit(lambda m, x: m(x, train=train))(model, x))
+        return _as_list(_forward(model, x, train=train))
 
     def reference_forward(self, model, x: np.ndarray) -> list:
         return self.case.forward(model, torch.from_numpy(x))
