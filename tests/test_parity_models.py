@@ -11,6 +11,7 @@ import jax
 import pytest
 from flax import nnx
 
+from siim_jax.models.layers import BatchNorm
 from tests.conftest import reference_import
 
 torch = reference_import("torch")
@@ -18,7 +19,6 @@ torchvision = reference_import("torchvision")
 timm = reference_import("timm")
 smp = reference_import("segmentation_models_pytorch")
 
-from siim_jax.models.layers import BatchNorm
 from tests.parity_utils import Case, calibrate_batchnorm, report, run_case  # noqa: E402
 
 
