@@ -200,6 +200,17 @@ def restore_for_inference(
     return model, config
 
 
+def restore_config(
+    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0
+) -> ml_collections.ConfigDict:
+    """The config that `restore_for_inference` returns for the same arguments, without reading any weights."""
+    path = Path(path)
+    if (path / model_io.CONFIG_FILE).is_file():
+        return ml_collections.ConfigDict({"model": model_io.read_model_config(path)})
+    with TrainingCheckpoints(checkpoint_directory(path), read_only=True) as checkpoints:
+        return checkpoints.restore_config(_select_steps(checkpoints, step, best, average_top)[0])
+
+
 def load_initial_weights(model: nnx.Module, path: str | Path) -> None:
     """`config.model.init_from`: a `model_io` directory, or a training run whose best step is taken.
 

@@ -13,7 +13,8 @@ COMMANDS = {
     "prepare": ("siim_jax.data.tfds_siim", "decode the challenge tree once into a TFDS cache at the training size"),
     "convert": ("siim_jax.convert", "convert PyTorch weights (torchvision, timm, Cadene, smp) to a Flax checkpoint"),
     "train": ("siim_jax.train", "train a UNet from a config file"),
-    "tune": ("siim_jax.tune", "grid-search the post-processing on a validation fold"),
+    "cv": ("siim_jax.cv", "train every fold, then out-of-fold predictions and a summary of the folds"),
+    "tune": ("siim_jax.tune", "grid-search the post-processing on a validation fold or out-of-fold predictions"),
     "evaluate": ("siim_jax.evaluate", "challenge metrics of a checkpoint on labelled images"),
     "predict": ("siim_jax.predict", "write a submission CSV from a checkpoint"),
 }

@@ -172,6 +172,10 @@ class Inference:
     progress: bool = True
     config: ml_collections.ConfigDict | None = None
 
+    @property
+    def batch_size(self) -> int:
+        return self.predictor.batch_size
+
     def __post_init__(self):
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
@@ -346,17 +350,17 @@ def submission_items(dicom_dir, sample_submission=None) -> list[Item]:
 
 
 def predict_submission(
-    inference: Inference,
+    inference,
     items: Sequence[Item],
     out,
     postprocess: PostProcess = PostProcess(),
     expected_ids: Sequence[str] | None = None,
     overlays: OverlayWriter | None = None,
 ) -> PredictSummary:
-    """Predicts every item (see `submission_items`), writes the submission to `out` and, given an
-    `OverlayWriter`, the overlays of its selected images."""
+    """Predicts every item (see `submission_items`) with an `Inference` or an `ensemble.Ensemble`, writes the
+    submission to `out` and, given an `OverlayWriter`, the overlays of its selected images."""
     start = time.perf_counter()
-    first_batch = min(inference.predictor.batch_size, len(items))
+    first_batch = min(inference.batch_size, len(items))
     first_batch_s = 0.0
     rows, unreadable = {}, []
     for count, prediction in enumerate(inference.predictions(items), start=1):
@@ -387,7 +391,11 @@ def predict_submission(
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and inference flags that `predict`, `tune` and `evaluate` share."""
-    parser.add_argument("--checkpoint", required=True, help="training workdir or converted model directory")
+    parser.add_argument("--checkpoint", action="append", type=Path,
+                        help="training workdir or converted model directory; repeated: an ensemble of them, "
+                             "each with the options below")
+    parser.add_argument("--ensemble", type=Path, metavar="JSON",
+                        help="an ensemble file listing members with their own options (see siim_jax.ensemble)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="this saved step (default: the latest)")
     which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
@@ -405,14 +413,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a missing or unreadable DICOM: predict it empty with a warning, or fail (empty)")
 
 
-def inference_from_args(args: argparse.Namespace) -> Inference:
-    """`Inference.from_checkpoint` with the options that the flags of `add_model_arguments` name."""
+def inference_from_args(args: argparse.Namespace):
+    """The `Inference` (one --checkpoint) or `ensemble.Ensemble` (several, or --ensemble) the flags of
+    `add_model_arguments` name; either offers `.predictions(items)` and `.config`."""
+    from siim_jax import ensemble
+
+    checkpoints = args.checkpoint or []
+    if bool(checkpoints) == bool(args.ensemble):
+        raise SystemExit("give --checkpoint (once, or repeated for an ensemble) or --ensemble, not both")
     try:
-        return Inference.from_checkpoint(
-            args.checkpoint, step=args.step, best=args.best, average_top=args.average_top,
-            image_size=args.image_size, batch_size=args.batch_size, tta=args.tta, workers=args.workers,
-            on_error=args.on_error,
-        )
+        if len(checkpoints) == 1:
+            return Inference.from_checkpoint(
+                checkpoints[0], step=args.step, best=args.best, average_top=args.average_top,
+                image_size=args.image_size, batch_size=args.batch_size, tta=args.tta, workers=args.workers,
+                on_error=args.on_error,
+            )
+        if args.ensemble:
+            members = ensemble.read_ensemble_file(args.ensemble)
+        else:
+            members = [ensemble.Member(path, step=args.step, best=args.best, average_top=args.average_top,
+                                       image_size=args.image_size, tta=args.tta) for path in checkpoints]
+        return ensemble.Ensemble(members, args.batch_size, args.workers, args.on_error)
     except ValueError as error:
         raise SystemExit(str(error)) from error
 

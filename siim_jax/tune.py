@@ -1,11 +1,14 @@
 """Grid search of the post-processing on the validation fold, for `predict --postprocess`.
 
     siim-jax tune --checkpoint DIR --fold K [--out postprocess.json]
+    siim-jax tune --oof CV_WORKDIR [--oof CV_WORKDIR ...] [--out postprocess.json]
 
 Predicts the fold's images at the model's resolution, scores every setting of the grid (the default grid of
 `postprocess.default_grid`, or `--grid JSON`) by the mean challenge Dice against the label masks resized to
 that resolution (nearest, as the training pipeline does), prints the best settings and writes the best one.
 Its areas are written at the images' original resolution (1024² for the challenge), where `predict` applies it.
+With `--oof` it tunes on the out-of-fold predictions of `siim-jax cv` runs (see siim_jax.cv) without predicting;
+with several `--checkpoint`s or `--ensemble`, on the ensemble's predictions (see siim_jax.ensemble).
 """
 
 from __future__ import annotations
@@ -51,15 +54,21 @@ class FoldPredictions:
 
 
 def predict_fold(inference: Inference, frame: pd.DataFrame) -> FoldPredictions:
-    """Model-resolution predictions and truths of the frame's readable images (unreadable ones are left out)."""
+    """Model-resolution predictions and truths of the frame's readable images (unreadable ones are left out).
+
+    An `ensemble.Ensemble`'s probabilities, averaged at the original size, are resized to its largest member's."""
     fold = FoldPredictions([], [], [], [], [])
+    size = inference.image_size
     for prediction in inference.predictions(frame_items(frame), desc="tune: predict"):
         if prediction.prob is None:
             continue
-        height, width = prediction.prob.shape
+        prob = prediction.prob
+        if prob.shape != (size, size):
+            prob = cv2.resize(prob, (size, size), interpolation=cv2.INTER_LINEAR)
+        height, width = prob.shape
         truth = merged_mask(frame.iloc[prediction.index], prediction.original_size).view(np.uint8)
         fold.image_ids.append(prediction.image_id)
-        fold.probs.append(prediction.prob.astype(np.float16))
+        fold.probs.append(prob.astype(np.float16))
         fold.truths.append(cv2.resize(truth, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool))
         fold.original_sizes.append(prediction.original_size)
         if prediction.class_prob is not None:
@@ -118,20 +127,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=Path, metavar="JSON",
                         help="search grid: {field: [values]} or a list of them (default: postprocess.default_grid)")
     parser.add_argument("--top", type=int, default=10, help="rows of the table printed (10)")
+    parser.add_argument("--oof", action="append", type=Path, metavar="CV_WORKDIR",
+                        help="tune on the out-of-fold predictions of a `siim-jax cv` run, all folds pooled, instead "
+                             "of predicting; repeated: on the mean of several runs' (an ensemble's)")
 
 
 def run(args: argparse.Namespace) -> int:
     grid = json.loads(args.grid.read_text()) if args.grid else None
-    inference = inference_from_args(args)
-    dicom_dir, labels, data_config = resolve_labelled_data(args, inference.config)
-    fold_index = args.fold if args.fold is not None else (int(data_config.fold) if data_config is not None else None)
-    if fold_index is None:
-        raise SystemExit("the checkpoint's config names no validation fold: pass --fold")
-    frame = labelled_frame(dicom_dir, labels, fold_index, data_config)
-    fold = predict_fold(inference, frame)
+    if args.oof:
+        from siim_jax.cv import pooled_oof
+
+        fold, source = pooled_oof(args.oof), "out of fold"
+    else:
+        fold, source = _predict_validation_fold(args)
     results = tune(fold, grid)
     height, width = fold.original_resolution
-    print(f"fold {fold_index}: {len(fold.probs)} images at {fold.resolution[0]}x{fold.resolution[1]}, "
+    print(f"{source}: {len(fold.probs)} images at {fold.resolution[0]}x{fold.resolution[1]}, "
           f"{len(results)} settings; areas in pixels at {height}x{width}")
     print(format_table(results, args.top))
     best, dice = results[0]
@@ -139,3 +150,13 @@ def run(args: argparse.Namespace) -> int:
     best.to_json(args.out)
     print(f"wrote the best setting (Dice {dice:.4f}) to {args.out}")
     return 0
+
+
+def _predict_validation_fold(args: argparse.Namespace) -> tuple[FoldPredictions, str]:
+    inference = inference_from_args(args)
+    dicom_dir, labels, data_config = resolve_labelled_data(args, inference.config)
+    fold_index = args.fold if args.fold is not None else (int(data_config.fold) if data_config is not None else None)
+    if fold_index is None:
+        raise SystemExit("the checkpoint's config names no validation fold: pass --fold")
+    frame = labelled_frame(dicom_dir, labels, fold_index, data_config)
+    return predict_fold(inference, frame), f"fold {fold_index}"
