@@ -5,7 +5,8 @@
 Masks are predicted exactly as `predict` writes them (original size, post-processing from `--postprocess`) and
 compared with the merged label masks at the original size. Prints the mean challenge Dice, IoU, Dice over the
 positive images and the image-level ROC AUC of the positive score (class probability, or else the largest
-pixel probability). An unreadable image counts as predicted empty, as it would in a submission.
+pixel probability). An unreadable image counts as predicted empty, as it would in a submission. A repeated
+`--checkpoint`, or `--ensemble JSON`, evaluates an ensemble (see siim_jax.ensemble).
 """
 
 from __future__ import annotations

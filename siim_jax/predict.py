@@ -3,6 +3,7 @@
     siim-jax predict --checkpoint DIR [--step N | --best | --average-top K] --data DICOM_DIR --out submission.csv
 
 In Python, `Inference.from_checkpoint(path, best=True).predictions(items)` gives the same predictions.
+A repeated `--checkpoint`, or `--ensemble JSON`, predicts with an `ensemble.Ensemble` of models instead.
 
 Images are read through the grain pipeline that validates during training (`pipeline.test_batches`: decoded,
 resized and normalised as validation images are, with each image's original size), batched at a fixed size,

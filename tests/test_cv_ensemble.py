@@ -1,6 +1,7 @@
 """Cross-validation, out-of-fold tuning, progressive resizing and ensembles: the README's commands run in small,
 the self-ensemble against the single run, and the averaging against a reference computed here."""
 
+import contextlib
 import json
 import re
 import shlex
@@ -76,11 +77,32 @@ def readme_runs(tmp_path_factory):
     for member in members["members"]:
         member["image_size"] = TINY_SIZES[member["image_size"]]
     (folder / "ensemble.json").write_text(json.dumps(members))
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, _persistent_compilation_cache(folder / "jax_cache"):
         patch.chdir(folder)
         for command in readme_commands():
             assert cli.main(tiny(command)) == 0, command
     return folder
+
+
+@contextlib.contextmanager
+def _persistent_compilation_cache(directory: Path):
+    """JAX's on-disk compilation cache for the block: the folds of a CV run compile the same programs, which
+    then compile once."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (str(directory), 0.0, 0)):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # a cache set up earlier in the process would ignore the new folder
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def test_readme_section_runs_and_cv_writes_its_outputs(readme_runs):
@@ -136,10 +158,11 @@ def test_progressive_stage_starts_from_the_512_run(readme_runs):
 
 def test_an_ensemble_of_a_run_with_itself_writes_exactly_that_runs_submission(readme_runs):
     run = readme_runs / "runs" / "winner1024"
-    common = ["--data", readme_runs / "DATA" / "dicom-images-test", "--best"]
+    common = ["--data", str(readme_runs / "DATA" / "dicom-images-test"), "--best"]
     single, double = readme_runs / "single.csv", readme_runs / "self_ensemble.csv"
-    assert cli.main(["predict", "--checkpoint", run, *common, "--out", single]) == 0
-    assert cli.main(["predict", "--checkpoint", run, "--checkpoint", run, *common, "--out", double]) == 0
+    assert cli.main(["predict", "--checkpoint", str(run), *common, "--out", str(single)]) == 0
+    twice = ["--checkpoint", str(run), "--checkpoint", str(run)]
+    assert cli.main(["predict", *twice, *common, "--out", str(double)]) == 0
     assert single.read_text() == double.read_text()
     assert (pd.read_csv(single)["EncodedPixels"].str.strip() != "-1").any()  # some masks to compare
 
