@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 from siim_jax import cli, cv, ensemble
-from siim_jax.metrics import challenge_dice, roc_auc
+from siim_jax.metrics import roc_auc
 from siim_jax.predict import Prediction
 from siim_jax.tune import FoldPredictions
+
+from .helpers import challenge_dice
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
