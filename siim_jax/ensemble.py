@@ -115,6 +115,7 @@ class Ensemble:
     workers: int = 0
     on_error: str = "empty"
     progress: bool = True
+    dtype: str | None = None  # compute dtype of every member (None: each checkpoint's own)
 
     def __post_init__(self):
         if not self.members:
@@ -150,7 +151,7 @@ class Ensemble:
         return Inference.from_checkpoint(
             member.path, step=member.step, best=member.best, average_top=member.average_top,
             image_size=member.image_size, batch_size=self.batch_size, tta=member.tta, workers=self.workers,
-            on_error=self.on_error if first else "empty", progress=self.progress,
+            on_error=self.on_error if first else "empty", progress=self.progress, dtype=self.dtype,
         )
 
     def predictions(self, items: Sequence[Item], desc: str = "predict") -> Iterator[Prediction]:

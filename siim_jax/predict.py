@@ -5,19 +5,27 @@
 In Python, `Inference.from_checkpoint(path, best=True).predictions(items)` gives the same predictions.
 A repeated `--checkpoint`, or `--ensemble JSON`, predicts with an `ensemble.Ensemble` of models instead.
 
-Images are read through the grain pipeline that validates during training (`pipeline.test_batches`: decoded,
-resized and normalised as validation images are, with each image's original size), batched at a fixed size,
-and run by one jitted function sharded along the batch over all devices, with horizontal-flip TTA.
-Probabilities are resized back to each image's original size (bilinear, in float), post-processed and encoded
-in the challenge's relative RLE. The submission has exactly one row per image, `-1` for empty ones, and appears
-atomically, synced to disk. A missing or unreadable DICOM becomes a `-1` row and a warning naming it
-(`--on-error empty`, the default) or stops the run (`--on-error fail`).
+Images are read through the grain pipeline that validates during training (`pipeline.test_batches`: decoded and
+resized as validation images are, with each image's original size), batched at a fixed size, handed to the
+devices as uint8 and normalised by one jitted function sharded along the batch over all devices, with
+horizontal-flip TTA. The stages overlap: the pipeline's workers decode the next batches, two batches are on the
+devices at a time, and a pool of threads resizes the probabilities back to each image's original size
+(bilinear, in float), post-processes them and encodes them in the challenge's relative RLE.
+The submission has exactly one row per image, `-1` for empty ones, and appears atomically, synced to disk. A
+missing or unreadable DICOM becomes a `-1` row and a warning naming it (`--on-error empty`, the default) or stops
+the run (`--on-error fail`).
+
+Compiled functions are kept in a persistent cache (`--compilation-cache DIR`, default
+`$XDG_CACHE_HOME/siim-jax/jax`, else `~/.cache/siim-jax/jax`; `--no-compilation-cache` turns it off), so a
+second run with the same model and batch does not compile again.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import math
@@ -38,12 +46,17 @@ from tqdm.auto import tqdm
 
 from siim_jax import sharding as sharding_lib
 from siim_jax.data import pipeline, rle
+from siim_jax.data.augment import model_input
 from siim_jax.data.dicom import DicomError, read_dicom
 from siim_jax.data.labels import ENCODED_PIXELS, IMAGE_ID, find_dicoms, read_image_ids
+from siim_jax.models import build_unfilled
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
 
 ON_ERROR = ("empty", "fail")
+DTYPES = ("float32", "bfloat16")
+IN_FLIGHT = 2  # batches dispatched to the devices and not yet fetched
+POSTPROCESS_THREADS = max(1, min(len(os.sched_getaffinity(0)), 4))  # resize, post-process and RLE, beside decoding
 Item = tuple[str, str | None]  # (ImageId, DICOM path or None when no file has that id)
 
 
@@ -62,8 +75,10 @@ def predict_probabilities(model: nnx.Module, images: jax.Array, tta_hflip: bool 
     """Mask probabilities (N, H, W) float32 and class probabilities (N,) (None without a class head).
 
     With `tta_hflip`, sigmoid outputs on the images and on their mirror images (mirrored back) are averaged.
-    Images are NHWC as the model takes them.
+    Images are uint8 grey (N, H, W) as the pipeline gives them, or float NHWC as the model takes them
+    (`augment.model_input`).
     """
+    images = model_input(images)
     if tta_hflip:
         images = jnp.concatenate([images, images[:, :, ::-1]], axis=0)
     mask_logits, class_logits = model(images, train=False)
@@ -81,7 +96,8 @@ def _forward(graphdef, state, images, tta_hflip):
 
 
 class Predictor:
-    """`predict_probabilities` jitted once for a fixed batch, sharded along the batch over all devices.
+    """`predict_probabilities` jitted once for a fixed batch (of uint8 grey or float NHWC images), sharded along the
+    batch over all devices.
 
     The batch size is rounded up to a multiple of the device count; shorter batches are zero-padded, so every
     call reuses the one compiled function. `dispatch` returns at once (JAX runs asynchronously) and `fetch`
@@ -101,7 +117,7 @@ class Predictor:
         if not 0 < count <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} images, got {count}")
         if count < self.batch_size:
-            padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
+            padded = np.zeros((self.batch_size, *images.shape[1:]), images.dtype)
             padded[:count] = images
             images = padded
         return self._forward(self._state, jax.device_put(images, self._batch_sharding)), count
@@ -163,13 +179,14 @@ class Inference:
     """A jitted model and how images reach it: what `predict`, `tune`, `evaluate` and the demo run.
 
     Images are read by `pipeline.test_batches` at `image_size` by `workers` grain processes (0: a background
-    thread). `config` is the checkpoint's config (the training run's, or {'model': ...} for a model directory).
+    thread; 'auto': see `pipeline.worker_count`). `config` is the checkpoint's config (the training run's, or
+    {'model': ...} for a model directory).
     """
 
     predictor: Predictor
     image_size: int
     on_error: str = "empty"
-    workers: int = 0
+    workers: int | str = 0
     progress: bool = True
     config: ml_collections.ConfigDict | None = None
 
@@ -192,15 +209,19 @@ class Inference:
         image_size: int | None = None,
         batch_size: int = 8,
         tta: bool = True,
-        workers: int = 0,
+        workers: int | str = 0,
         on_error: str = "empty",
         progress: bool = True,
+        dtype: str | None = None,
     ) -> Inference:
         """The model of a training run (latest `step`, `best`, or `average_top` best steps averaged) or of a
-        model directory, at `image_size` (default: the training config's `data.image_size`)."""
+        model directory, at `image_size` (default: the training config's `data.image_size`), computing in `dtype`
+        (default: the checkpoint's `model.dtype`; parameters stay float32)."""
         from siim_jax.checkpoints import restore_for_inference
 
         model, config = restore_for_inference(path, step=step, best=best, average_top=average_top)
+        if dtype is not None and dtype != config.model.dtype:
+            model = with_compute_dtype(model, config.model, dtype)
         if image_size is None:
             if "data" not in config:
                 raise ValueError(f"{path} holds no data config: give the image size")
@@ -228,21 +249,22 @@ class Inference:
         warnings.warn(f"ImageId {image_id} predicted empty: {error}", UnreadableImageWarning, 3)
 
     def _outputs(self, found: list[Item]) -> Iterator[tuple]:
-        """(prob, class prob, original size) of each item in order, all None for an unreadable file. One batch
-        runs on the devices while the previous one is fetched and the pipeline reads the next ones."""
+        """(prob, class prob, original size) of each item in order, all None for an unreadable file. IN_FLIGHT
+        batches are on the devices at a time: the oldest is fetched while the next one runs, and the pipeline
+        reads the ones after in the background."""
         data_config = ml_collections.ConfigDict(
             {"image_size": self.image_size, "prepared_dir": "", "workers": self.workers, "prefetch": 2}
         )
         frame = pd.DataFrame(found, columns=["image_id", "path"]).assign(rles=[()] * len(found))
         batches = pipeline.test_batches(data_config, frame, self.predictor.batch_size, process_index=0, process_count=1)
-        in_flight = None
-        for batch in batches:
-            dispatched = self.predictor.dispatch(batch["image"])
-            if in_flight is not None:
-                yield from self._unbatch(*in_flight)
-            in_flight = (batch, dispatched)
-        if in_flight is not None:
-            yield from self._unbatch(*in_flight)
+        in_flight = collections.deque()
+        with contextlib.closing(batches):  # stops the worker processes and frees their shared memory
+            for batch in batches:
+                if len(in_flight) == IN_FLIGHT:
+                    yield from self._unbatch(*in_flight.popleft())
+                in_flight.append((batch, self.predictor.dispatch(batch["image"])))
+        while in_flight:
+            yield from self._unbatch(*in_flight.popleft())
 
     def _unbatch(self, batch: dict, dispatched) -> Iterator[tuple]:
         probs, class_probs = self.predictor.fetch(dispatched)
@@ -252,6 +274,29 @@ class Inference:
                 continue
             class_prob = None if class_probs is None else float(class_probs[row])
             yield probs[row], class_prob, tuple(int(size) for size in batch["original_size"][row])
+
+
+def with_compute_dtype(model: nnx.Module, model_config: ml_collections.ConfigDict, dtype: str) -> nnx.Module:
+    """The same weights in a model that computes in `dtype` (its parameters and BatchNorm statistics unchanged)."""
+    twin_config = model_config.copy_and_resolve_references()
+    twin_config.dtype = dtype
+    twin = build_unfilled(twin_config)
+    nnx.update(twin, nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    return twin
+
+
+def default_compilation_cache() -> Path:
+    """$XDG_CACHE_HOME/siim-jax/jax, or ~/.cache/siim-jax/jax."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siim-jax" / "jax"
+
+
+def use_compilation_cache(directory: str | Path | None) -> None:
+    """Keeps every compiled function in `directory` (None: no persistent cache), so that a later process with the
+    same model, shapes and JAX version loads it instead of compiling. Call it before anything is compiled."""
+    if directory is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # CPU compiles are short, and still add up
 
 
 # ---------------------------------------------------------------------------------------------------- submission
@@ -350,6 +395,12 @@ def submission_items(dicom_dir, sample_submission=None) -> list[Item]:
     return [(image_id, files.get(image_id)) for image_id in expected]
 
 
+def _encode(prediction: Prediction, postprocess: PostProcess) -> tuple[str, np.ndarray | None]:
+    """(RLE, mask) of a prediction at its original size; ('-1', None) when the image was unreadable."""
+    mask = prediction.mask(postprocess)
+    return (rle.EMPTY, None) if mask is None else (rle.encode(mask), mask)
+
+
 def predict_submission(
     inference,
     items: Sequence[Item],
@@ -359,22 +410,31 @@ def predict_submission(
     overlays: OverlayWriter | None = None,
 ) -> PredictSummary:
     """Predicts every item (see `submission_items`) with an `Inference` or an `ensemble.Ensemble`, writes the
-    submission to `out` and, given an `OverlayWriter`, the overlays of its selected images."""
+    submission to `out` and, given an `OverlayWriter`, the overlays of its selected images. Post-processing and
+    RLE encoding run on POSTPROCESS_THREADS threads while the next predictions arrive."""
     start = time.perf_counter()
     first_batch = min(inference.batch_size, len(items))
     first_batch_s = 0.0
     rows, unreadable = {}, []
-    for count, prediction in enumerate(inference.predictions(items), start=1):
-        if count == first_batch:
-            first_batch_s = time.perf_counter() - start
-        mask = prediction.mask(postprocess)
+
+    def finish(prediction: Prediction, encoded: concurrent.futures.Future) -> None:
+        rows[prediction.image_id], mask = encoded.result()
         if mask is None:
             unreadable.append(prediction.image_id)
-            rows[prediction.image_id] = rle.EMPTY
-            continue
-        rows[prediction.image_id] = rle.encode(mask)
-        if overlays is not None and overlays.selected(prediction.index):
+        elif overlays is not None and overlays.selected(prediction.index):
             overlays.add(prediction.index, prediction.image_id, prediction.pixels(), mask)
+
+    with concurrent.futures.ThreadPoolExecutor(POSTPROCESS_THREADS) as pool:
+        pending = collections.deque()  # in order; bounded to a batch beyond what the threads are working on
+        limit = inference.batch_size + POSTPROCESS_THREADS
+        for count, prediction in enumerate(inference.predictions(items), start=1):
+            if count == first_batch:
+                first_batch_s = time.perf_counter() - start
+            pending.append((prediction, pool.submit(_encode, prediction, postprocess)))
+            while pending and (pending[0][1].done() or len(pending) > limit):
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     ordered = [(image_id, rows[image_id]) for image_id, _ in items]
     write_submission(out, ordered, expected_ids)
     return PredictSummary(
@@ -408,17 +468,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per batch over all devices, rounded up to a multiple of the device count (8)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                         help="horizontal-flip test-time augmentation (on)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes decoding DICOMs (default 0: one background thread)")
+    parser.add_argument("--workers", type=_workers, default="auto",
+                        help="processes decoding DICOMs: a count (0: one background thread) or 'auto' (default: "
+                             f"the cores this process may use less one, at most {pipeline.MAX_AUTO_WORKERS})")
     parser.add_argument("--on-error", choices=ON_ERROR, default="empty",
                         help="a missing or unreadable DICOM: predict it empty with a warning, or fail (empty)")
+    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's model.dtype)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compilation-cache", type=Path, default=default_compilation_cache(), metavar="DIR",
+                       help="persistent cache of compiled functions (default: %(default)s)")
+    cache.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
+                       help="compile afresh and keep nothing")
+
+
+def _workers(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def inference_from_args(args: argparse.Namespace):
     """The `Inference` (one --checkpoint) or `ensemble.Ensemble` (several, or --ensemble) the flags of
-    `add_model_arguments` name; either offers `.predictions(items)` and `.config`."""
+    `add_model_arguments` name, compiling through the persistent cache they name; either offers
+    `.predictions(items)` and `.config`."""
     from siim_jax import ensemble
 
+    use_compilation_cache(args.compilation_cache)
     checkpoints = args.checkpoint or []
     if bool(checkpoints) == bool(args.ensemble):
         raise SystemExit("give --checkpoint (once, or repeated for an ensemble) or --ensemble, not both")
@@ -427,14 +500,14 @@ def inference_from_args(args: argparse.Namespace):
             return Inference.from_checkpoint(
                 checkpoints[0], step=args.step, best=args.best, average_top=args.average_top,
                 image_size=args.image_size, batch_size=args.batch_size, tta=args.tta, workers=args.workers,
-                on_error=args.on_error,
+                on_error=args.on_error, dtype=args.dtype,
             )
         if args.ensemble:
             members = ensemble.read_ensemble_file(args.ensemble)
         else:
             members = [ensemble.Member(path, step=args.step, best=args.best, average_top=args.average_top,
                                        image_size=args.image_size, tta=args.tta) for path in checkpoints]
-        return ensemble.Ensemble(members, args.batch_size, args.workers, args.on_error)
+        return ensemble.Ensemble(members, args.batch_size, args.workers, args.on_error, dtype=args.dtype)
     except ValueError as error:
         raise SystemExit(str(error)) from error
 

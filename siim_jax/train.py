@@ -35,7 +35,7 @@ from siim_jax import config_utils, optim, overlays
 from siim_jax import sharding as sharding_lib
 from siim_jax.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
 from siim_jax.data import pipeline
-from siim_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from siim_jax.data.augment import model_input
 from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import LabelError
 from siim_jax.logging_utils import MetricWriter
@@ -203,13 +203,12 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, frame, mesh, s
 
 
 def make_sheet_step(model_def, mesh, threshold: float):
-    """`sheet_step(params, batch_stats, batch) -> (grey images, predicted masks, true masks)`, replicated so
+    """`sheet_step(params, batch_stats, batch) -> (uint8 grey images, predicted masks, true masks)`, replicated so
     that process 0 can draw them."""
 
     def step(params, batch_stats, batch):
-        (mask_logits, _), _ = model_def.apply(params, batch_stats, batch["image"], train=False)
-        grey = batch["image"][..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # undoes the normalisation
-        return grey, jax.nn.sigmoid(mask_logits[..., 0]) > threshold, batch["mask"][..., 0] > 0.5
+        (mask_logits, _), _ = model_def.apply(params, batch_stats, model_input(batch["image"]), train=False)
+        return batch["image"], jax.nn.sigmoid(mask_logits[..., 0]) > threshold, batch["mask"] > 0
 
     replicated = sharding_lib.replicated(mesh)
     in_shardings = (replicated, replicated, sharding_lib.batch_sharding(mesh))
@@ -222,7 +221,7 @@ def validation_sheet(sheet_step, state, config: ml_collections.ConfigDict, frame
     (batch,) = pipeline.eval_batches(config.data, frame.head(size), size, sharding=sharding_lib.batch_sharding(mesh))
     greys, predicted, true = jax.device_get(sheet_step(state.eval_params, state.batch_stats, batch))
     tiles = [
-        (overlays.render_overlay(np.clip(grey * 255, 0, 255).astype(np.uint8), pred, truth), image_id[-12:])
+        (overlays.render_overlay(grey, pred, truth), image_id[-12:])
         for grey, pred, truth, image_id in zip(greys[:SHEET_IMAGES], predicted, true, frame["image_id"])
     ]
     return overlays.contact_sheet([("validation: predicted red, true green", tiles)])

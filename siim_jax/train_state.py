@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siim_jax import metrics as metrics_lib
 from siim_jax import sharding as sharding_lib
+from siim_jax.data.augment import model_input, model_mask
 from siim_jax.models import SegOutput
 from siim_jax.optim import PlateauState, with_learning_rate
 
@@ -116,19 +117,20 @@ def make_train_step(
 ):
     """`step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
 
-    `batch` holds TRAIN_INPUTS, batch-sharded. The gradient is the mean over `grad_accum` micro-batches, run one
-    after another by `lax.scan` so that only one micro-batch's activations are alive; BatchNorm normalises each
-    micro-batch with its own statistics and updates the running ones once per micro-batch, as PyTorch does
-    across accumulated backward passes. Metrics (loss, its components, grad_norm, lr) are replicated scalars.
-    `optimizer` takes its learning rate as a hyperparameter (`optim.build_optimizer`); each step injects
-    `schedule(step) * plateau.scale`.
+    `batch` holds TRAIN_INPUTS, batch-sharded: uint8 images and masks as the pipeline gives them (normalised here,
+    `augment.model_input`), or float NHWC images and float masks. The gradient is the mean over `grad_accum`
+    micro-batches, run one after another by `lax.scan` so that only one micro-batch's activations are alive;
+    BatchNorm normalises each micro-batch with its own statistics and updates the running ones once per
+    micro-batch, as PyTorch does across accumulated backward passes. Metrics (loss, its components, grad_norm,
+    lr) are replicated scalars. `optimizer` takes its learning rate as a hyperparameter (`optim.build_optimizer`);
+    each step injects `schedule(step) * plateau.scale`.
     """
 
     def loss_on(params, batch_stats, micro, key):
         (mask_logits, class_logits), batch_stats = model_def.apply(
-            params, batch_stats, micro["image"], train=True, dropout_key=key
+            params, batch_stats, model_input(micro["image"]), train=True, dropout_key=key
         )
-        loss, components = loss_fn(mask_logits, micro["mask"], class_logits, micro["positive"])
+        loss, components = loss_fn(mask_logits, model_mask(micro["mask"]), class_logits, micro["positive"])
         return loss, (components, batch_stats)
 
     grad_fn = jax.value_and_grad(loss_on, has_aux=True)
@@ -176,13 +178,15 @@ def make_train_step(
 def make_eval_step(model_def: ModelDef, mesh: Mesh, threshold: float):
     """`eval_step(params, batch_stats, batch) -> per-image stats`, replicated so every process can read them.
 
-    `batch` holds EVAL_INPUTS; the stats are `metrics.per_image_stats` plus 'valid' (False on padding rows).
+    `batch` holds EVAL_INPUTS (uint8 or float, as for the train step); the stats are `metrics.per_image_stats`
+    plus 'valid' (False on padding rows).
     """
 
     def step(params, batch_stats, batch):
-        (mask_logits, class_logits), _ = model_def.apply(params, batch_stats, batch["image"], train=False)
+        images, masks = model_input(batch["image"]), model_mask(batch["mask"])
+        (mask_logits, class_logits), _ = model_def.apply(params, batch_stats, images, train=False)
         class_probs = None if class_logits is None else jax.nn.sigmoid(class_logits)
-        stats = metrics_lib.per_image_stats(jax.nn.sigmoid(mask_logits), batch["mask"], threshold, class_probs)
+        stats = metrics_lib.per_image_stats(jax.nn.sigmoid(mask_logits), masks, threshold, class_probs)
         return {**stats, "valid": batch["valid"]}
 
     replicated = sharding_lib.replicated(mesh)

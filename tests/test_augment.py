@@ -1,4 +1,6 @@
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -86,6 +88,26 @@ def test_normalise_replicates_grey_with_imagenet_statistics():
     assert out.shape == (1, 1, 2, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out[0, 0, 0], -augment.IMAGENET_MEAN / augment.IMAGENET_STD, rtol=1e-6)
     np.testing.assert_allclose(out[0, 0, 1], (1 - augment.IMAGENET_MEAN) / augment.IMAGENET_STD, rtol=1e-6)
+
+
+def test_model_input_on_the_device_is_the_host_normalisation_bit_for_bit():
+    images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    on_device = np.asarray(jax.jit(augment.model_input)(images))
+    assert on_device.shape == (1, 16, 16, 3) and on_device.dtype == np.float32
+    np.testing.assert_array_equal(on_device, augment.normalise(images))
+    # the ImageNet constants, in the order torchvision applies them: x / 255, minus the mean, over the std
+    expected = (np.arange(256, dtype=np.float32)[:, None] / np.float32(255) - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    np.testing.assert_array_equal(on_device.reshape(256, 3), expected)
+
+
+def test_float_input_and_masks_pass_unchanged_and_uint8_masks_become_float():
+    floats = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(augment.model_input(jnp.asarray(floats)), floats)
+    masks = np.array([[[0, 1], [1, 0]]], np.uint8)
+    as_float = augment.model_mask(jnp.asarray(masks))
+    assert as_float.shape == (1, 2, 2, 1) and as_float.dtype == jnp.float32
+    np.testing.assert_array_equal(as_float[..., 0], masks)
+    np.testing.assert_array_equal(augment.model_mask(as_float), as_float)
 
 
 def test_resize_pair_keeps_the_mask_binary():

@@ -48,6 +48,15 @@ def test_overrides_of_fields_with_several_shapes():
     assert load_config("demo", ["--config.data.balance.positive_fraction=0.4"]).data.balance.positive_fraction == 0.4
 
 
+def test_gpu_recipes_compute_in_bfloat16_and_load_with_automatic_workers():
+    for name in ("unet_resnet50", "unet_seresnext50", "unet_winner:512", "unet_winner:1024"):
+        config = load_config(name)
+        assert config.model.dtype == "bfloat16", name
+        assert config.data.workers == "auto", name
+    assert load_config("demo").model.dtype == "float32"  # the CPU demo: XLA:CPU has no fast bfloat16
+    assert load_config("demo", ["--config.data.workers=3"]).data.workers == 3
+
+
 def test_each_call_parses_its_own_overrides():
     assert load_config("demo", ["--config.train.epochs=3"]).train.epochs == 3
     assert load_config("demo").train.epochs == 20

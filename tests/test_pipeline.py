@@ -83,8 +83,9 @@ def test_train_batches_follow_the_epoch_draw(synthetic_tree, splits):
     assert len(batches) == pipeline.steps_per_epoch(config, splits.train, 2, 3) == len(rows) // 3
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), rows[: len(batches) * 3])
     batch = batches[0]
-    assert batch["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and batch["image"].dtype == np.float32
-    assert batch["mask"].shape == (3, IMAGE_SIZE, IMAGE_SIZE, 1) and set(np.unique(batch["mask"])) <= {0.0, 1.0}
+    assert batch["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == np.uint8
+    assert batch["mask"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and batch["mask"].dtype == np.uint8
+    assert set(np.unique(batch["mask"])) <= {0, 1}
     assert batch["valid"].all() and batch["positive"].dtype == np.float32
     np.testing.assert_array_equal(batch["positive"], splits.train["positive"].to_numpy()[batch["index"]])
     assert_same_batches(batches, take(pipeline.train_iterator(config, splits.train, [2], 3, 0, 1)))
@@ -185,4 +186,24 @@ def test_to_device_places_the_batch_on_the_data_mesh(synthetic_tree, splits):
     batch = next(iterator)
     iterator.close()
     assert isinstance(batch["image"], jax.Array) and batch["image"].sharding == sharding
-    assert batch["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batch["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == np.uint8
+
+
+def test_host_hands_the_device_two_bytes_a_pixel(synthetic_tree, splits):
+    """uint8 image and mask, plus a few bytes of labels: at most 2·S² + 1 KiB a training image."""
+    batch = take(pipeline.train_iterator(data_config(synthetic_tree), splits.train, [0], 3, 0, 1))[0]
+    bytes_per_image = sum(value.nbytes for value in batch.values()) / len(batch["image"])
+    assert bytes_per_image <= 2 * IMAGE_SIZE**2 + 1024
+
+
+def test_auto_workers_leave_a_core_to_the_main_process(monkeypatch):
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert pipeline.worker_count("auto") == 1
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0})
+    assert pipeline.worker_count("auto") == 0
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert pipeline.worker_count("auto") == pipeline.MAX_AUTO_WORKERS
+    assert pipeline.worker_count(3) == 3
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(ValueError, match="workers must be"):
+            pipeline.worker_count(bad)

@@ -276,6 +276,52 @@ def test_predict_writes_overlays_of_its_images(tmp_path):
 # ---------------------------------------------------------------------------------------------------- a trained run
 
 
+def _small_model_dir(folder, dtype="float32"):
+    """A randomly initialised demo-style UNet at MODEL_SIZE, saved as a model directory."""
+    from siim_jax import model_io
+    from siim_jax.config_utils import load_config
+    from siim_jax.models import build_model
+
+    model_config = load_config(DEMO_CONFIG).model
+    model_config.update(decoder_channels=(16, 8, 8, 8, 8), dtype=dtype)
+    model_io.save_model(folder, build_model(model_config), model_config)
+    return folder
+
+
+def test_bfloat16_inference_keeps_the_weights_and_stays_close_to_float32(tmp_path):
+    _test_set(tmp_path / "test", [(64, 64)] * 3)
+    items = submission_items(tmp_path / "test")
+    model_dir = _small_model_dir(tmp_path / "model")
+    runs = {
+        dtype: Inference.from_checkpoint(model_dir, image_size=MODEL_SIZE, batch_size=4, dtype=dtype, progress=False)
+        for dtype in ("float32", "bfloat16")
+    }
+    probs = {dtype: np.stack([p.prob for p in run.predictions(items)]) for dtype, run in runs.items()}
+    assert probs["float32"].dtype == probs["bfloat16"].dtype == np.float32
+    assert not np.array_equal(probs["float32"], probs["bfloat16"])  # bfloat16 did compute
+    np.testing.assert_allclose(probs["bfloat16"], probs["float32"], atol=0.03)
+
+
+CACHED_PREDICT = [sys.executable, "-m", "siim_jax.cli", "predict", "--image-size", str(MODEL_SIZE), "--workers", "0"]
+
+
+def test_a_second_predict_loads_its_compiled_function_from_the_persistent_cache(tmp_path):
+    _test_set(tmp_path / "test", [(64, 64)] * 2)
+    model_dir = _small_model_dir(tmp_path / "model")
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", "JAX_PLATFORMS": "cpu"}
+    argv = [*CACHED_PREDICT, "--checkpoint", model_dir, "--data", tmp_path / "test",
+            "--compilation-cache", tmp_path / "cache"]
+    logs = []
+    for run in range(2):
+        result = subprocess.run([str(arg) for arg in [*argv, "--out", tmp_path / f"{run}.csv"]], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        logs.append(result.stderr)
+    hit = "Persistent compilation cache hit for 'jit__forward'"
+    assert hit not in logs[0] and hit in logs[1]
+    assert (tmp_path / "0.csv").read_bytes() == (tmp_path / "1.csv").read_bytes()
+
+
 def _train_briefly(root):
     """A synthetic set (with test labels in stage_2_train.csv) and the demo config trained on it for two epochs, each
     evaluated (so that two checkpoints are ranked)."""

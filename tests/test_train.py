@@ -19,6 +19,7 @@ from flax import nnx
 
 from siim_jax import cli, config_utils, train
 from siim_jax.checkpoints import TrainingCheckpoints, restore_for_inference
+from siim_jax.data.augment import model_input
 from siim_jax.logging_utils import read_history
 from tests.test_train_logging import read_events
 
@@ -137,7 +138,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     tiny_model, synthetic_root, tmp_path, monkeypatch
 ):
     def poison_step_3(call, batch):
-        return {**batch, "image": batch["image"] * jnp.nan} if call == 3 else batch
+        return {**batch, "image": model_input(batch["image"]) * jnp.nan} if call == 3 else batch
 
     wrap_train_step(monkeypatch, poison_step_3)
     config = small_config(synthetic_root, checkpoint_every_steps=1, log_every_steps=100, eval_at_start=False)

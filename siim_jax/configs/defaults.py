@@ -65,7 +65,8 @@ def default_data_config() -> ml_collections.ConfigDict:
                 "positive_fraction": ml_collections.FieldReference(((0, 0.8), (10, 0.6), (20, 0.4)), object),
             },
             "augment": default_augment_config(),
-            "workers": 0,
+            # 'auto' (the cores this process may use less one, at most 8), or a count; 0 loads in-process
+            "workers": ml_collections.FieldReference("auto", object),
             "prefetch": 2,
             "seed": 0,
         }

@@ -13,6 +13,7 @@ def get_config(arg=None):
     config.model.decoder_channels = (64, 32, 16, 16, 8)
     config.model.cls_head = True
     config.model.cls_dropout = 0.2
+    config.model.dtype = "float32"  # XLA:CPU has no fast bfloat16 convolutions: float32 is the faster choice here
     config.data.root = arg or ""
     config.data.image_size = 128
     config.data.balance.mode = "fraction"

@@ -27,6 +27,7 @@ def get_config(arg=None):
     config = default_config()
     config.model.encoder = "se_resnext50_32x4d"
     config.model.cls_head = False
+    config.model.dtype = "bfloat16"  # compute; parameters, BatchNorm statistics and the loss stay float32
     config.data.image_size = image_size
     config.data.balance.mode = "fraction"
     config.data.balance.positive_fraction = ((0, 0.8), (10, 0.6), (20, 0.4))

@@ -1,5 +1,10 @@
 """Image and mask at the training size: resizing, the seed's train augmentation and ImageNet normalisation.
 
+Batches leave the host as uint8 grey images and uint8 {0, 1} masks; `model_input` and `model_mask` turn them into
+the model's float32 NHWC input and float32 mask inside the jitted functions (a quarter of the host-to-device bytes
+of a normalised three-channel image). Both go through the same 256-entry table as the host's `normalise`, so the
+pixels the model sees are bit-for-bit those the host would compute.
+
 The seed augments at 1024² and resizes last. Here the image is resized first and augmented at the training size,
 about 5x cheaper, with the same distribution: a flip or an affine map commutes with resizing (up to
 interpolation), and Gaussian noise is added with the standard deviation the seed's noise keeps after the
@@ -15,6 +20,8 @@ import os
 import random
 
 import cv2
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -85,11 +92,28 @@ class TrainAugment:
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 grey (..., H, W) -> float32 (..., H, W, 3) ImageNet-normalised, grey replicated to three channels.
-
-    OpenCV's lookup writes each image straight into the batch, about 2.5x faster than a NumPy gather."""
+    """uint8 grey (..., H, W) -> float32 (..., H, W, 3) ImageNet-normalised, grey replicated to three channels: the
+    host's twin of `model_input`, for code that hands a model float input. OpenCV's lookup writes each image
+    straight into the batch, about 2.5x faster than a NumPy gather."""
     greys = images.reshape(-1, *images.shape[-2:])
     normalised = np.empty((*greys.shape, 3), np.float32)
     for grey, out in zip(greys, normalised):
         cv2.LUT(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), _NORMALISED, dst=out)
     return normalised.reshape(*images.shape, 3)
+
+
+def model_input(images: jax.Array) -> jax.Array:
+    """The model's float NHWC input from a batch's images, inside a jitted function: uint8 grey (..., H, W) is
+    ImageNet-normalised and replicated to three channels by a lookup in the table `normalise` uses (exactly its
+    values); float NHWC input (a converted model's, the parity tests') passes unchanged."""
+    if images.dtype != jnp.uint8:
+        return images
+    return jnp.asarray(_NORMALISED[0])[images]
+
+
+def model_mask(masks: jax.Array) -> jax.Array:
+    """A batch's uint8 {0, 1} masks (..., H, W) as the float32 (..., H, W, 1) the losses and metrics take; float
+    masks with their channel axis pass unchanged."""
+    if masks.dtype != jnp.uint8:
+        return masks
+    return masks[..., None].astype(jnp.float32)

@@ -14,7 +14,8 @@ Config (``config.data``, from ``siim_jax.configs.defaults.default_data_config()`
                   'fraction' (every positive, negatives so positives make positive_fraction of the epoch), 'none'
   balance.positive_fraction   a float, or a schedule ((0, 0.8), (10, 0.6), (20, 0.4)): from epoch 0 use 0.8, ...
   augment.*       the train pipeline's knobs, see ``defaults.default_augment_config``
-  workers         0 loads in the calling process (one background thread); N > 0 uses N worker processes
+  workers         'auto' (default): the cores this process may use less one, at most 8 (`worker_count`); 0 loads
+                  in the calling process (one background thread); N > 0 uses N worker processes
   prefetch        batches each worker (or the background thread) keeps ready (2)
   seed            seeds each epoch's draw, from (seed, epoch), and each element's augmentation, from
                   (seed, epoch, position in the epoch)
@@ -40,13 +41,13 @@ API:
   two ahead; worker processes (``workers``) run with one OpenCV thread each.
 
 Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when ``sharding`` is given):
-  'image' float32 (B, H, W, 3) ImageNet-normalised grey replicated to three channels; 'mask' float32
-  (B, H, W, 1) in {0, 1}; 'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that
-  cannot be decoded (blank image and mask, positive 0, logged, and added to ``skipped_csv`` when the iterator was
-  given one); 'index' int32 (B,): row in the frame, -1 for padding; 'original_size' int32 (B, 2): the image's
-  (height, width) before resizing, for mapping predictions back (0, 0 where not read). Training batches replace
-  a file that cannot be decoded by the next decodable image of the same class (its 'index' says which), so they
-  stay all valid.
+  'image' uint8 (B, H, W) grey; 'mask' uint8 (B, H, W) in {0, 1}: the jitted functions turn them into the model's
+  float32 input and mask (``augment.model_input`` / ``model_mask``), so the host hands the device 2 bytes a pixel;
+  'positive' float32 (B,); 'valid' bool (B,): False for padding rows and for files that cannot be decoded (blank
+  image and mask, positive 0, logged, and added to ``skipped_csv`` when the iterator was given one); 'index' int32
+  (B,): row in the frame, -1 for padding; 'original_size' int32 (B, 2): the image's (height, width) before
+  resizing, for mapping predictions back (0, 0 where not read). Training batches replace a file that cannot be
+  decoded by the next decodable image of the same class (its 'index' says which), so they stay all valid.
 
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
 (orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
@@ -75,7 +76,7 @@ import pydicom
 from absl import flags
 
 from siim_jax.data import layout, rle
-from siim_jax.data.augment import TrainAugment, normalise
+from siim_jax.data.augment import TrainAugment
 from siim_jax.data.decode import decode_example
 from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import SKIPPED_COLUMNS, assign_folds, build_index, skipped_frame
@@ -83,6 +84,7 @@ from siim_jax.data.labels import SKIPPED_COLUMNS, assign_folds, build_index, ski
 _SAMPLE_STREAM, _AUGMENT_STREAM = 1, 2  # second entropy word: epoch draws and augmentations never share a stream
 _DEVICE_PREFETCH = 2
 _STAND_IN_TRIES = 16  # rows tried in place of a training file that fails to decode
+MAX_AUTO_WORKERS = 8  # 'auto' workers: enough to feed one accelerator at 512² from a prepared cache
 
 log = logging.getLogger(__name__)
 
@@ -326,12 +328,8 @@ class _LoadElement(grain.transforms.Map):
 
 
 def _collate(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stacks elements; images are normalised here, once per batch, straight into the float32 batch."""
-    batch = {key: np.stack([element[key] for element in elements]) for key in elements[0]}
-    batch["image"] = normalise(batch["image"])
-    if "mask" in batch:
-        batch["mask"] = batch["mask"][..., None].astype(np.float32)
-    return batch
+    """Stacks elements. Images and masks stay uint8: the jitted steps normalise them (`augment.model_input`)."""
+    return {key: np.stack([element[key] for element in elements]) for key in elements[0]}
 
 
 def _process_plan(rows: np.ndarray, global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
@@ -363,12 +361,23 @@ def to_device(batch: dict[str, np.ndarray], sharding) -> dict:
     return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), batch)
 
 
+def worker_count(workers: int | str) -> int:
+    """Worker processes for a `workers` setting: N as given, or for 'auto' the cores this process may use less one
+    (for the main process, which feeds the devices), at most MAX_AUTO_WORKERS; 0 means loading in-process."""
+    if workers == "auto":
+        return max(0, min(len(os.sched_getaffinity(0)) - 1, MAX_AUTO_WORKERS))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be 'auto' or a count >= 0, got {workers!r}")
+    return workers
+
+
 def _iterate(config: ml_collections.ConfigDict, dataset: grain.MapDataset, sharding) -> grain.DatasetIterator:
-    if config.workers > 0:
+    workers = worker_count(config.workers)
+    if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-        workers = grain.MultiprocessingOptions(config.workers, per_worker_buffer_size=max(1, config.prefetch))
+        workers = grain.MultiprocessingOptions(workers, per_worker_buffer_size=max(1, config.prefetch))
         iterable = iterable.mp_prefetch(workers, worker_init_fn=_single_threaded_opencv)
     else:
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch))
