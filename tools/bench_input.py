@@ -7,8 +7,9 @@
 
 Each path runs single-threaded (OpenCV and torch at one thread, no worker processes) over every image, after an
 untimed warm-up pass; each rate is the best of a few passes (also printed per CPU second, which load from other
-processes disturbs less). The last line printed is one JSON object with the wall-clock rates and the ratios b/a
-and c/a.
+processes disturbs less). The last line printed is one JSON object with the wall-clock rates, the ratios b/a
+and c/a, the training size `image_size` and `host_bytes_per_image`: the bytes the host hands the devices per
+training image (uint8 image and mask, and the few bytes of labels; goal at most 2·S² + 1 KiB at size S).
 
     python tools/bench_input.py                    # 64 synthetic images in a temporary folder
     python tools/bench_input.py --data DIR --size 512 --rounds 5
@@ -17,6 +18,7 @@ and c/a.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -73,6 +75,11 @@ def timed_pass(make_batches) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     seen = sum(len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch["image"]) for batch in make_batches())
     return seen / (time.perf_counter() - wall), seen / (time.process_time() - cpu)
+
+
+def host_bytes_per_image(batch: dict[str, np.ndarray]) -> float:
+    """Bytes of a training batch, every entry of which goes to the devices, per image."""
+    return sum(value.nbytes for value in batch.values()) / len(batch["image"])
 
 
 def best_rates(paths: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -132,6 +139,10 @@ def main() -> None:
             },
             args.rounds,
         )
+        with contextlib.closing(
+            pipeline.train_iterator(prepared_config, prepared_frame, [0], args.batch_size, 0, 1)
+        ) as batches:
+            bytes_per_image = host_bytes_per_image(next(batches))
     rates["dicom_ratio"] = rates["dicom_img_s"] / rates["seed_img_s"]
     rates["prepared_ratio"] = rates["prepared_img_s"] / rates["seed_img_s"]
     print(f"(a) seed {rates['seed_img_s']:.1f} img/s, (b) dicom {rates['dicom_img_s']:.1f} img/s, "
@@ -141,7 +152,10 @@ def main() -> None:
     print(f"per CPU second: seed {seed_cpu:.1f}, dicom {cpu_rates['dicom_img_s']:.1f}, prepared "
           f"{cpu_rates['prepared_img_s']:.1f} img/s; b/a = {cpu_rates['dicom_img_s'] / seed_cpu:.2f}, "
           f"c/a = {cpu_rates['prepared_img_s'] / seed_cpu:.2f}")
-    print(json.dumps({key: round(value, 2) for key, value in rates.items()}))
+    goal = 2 * args.size**2 + 1024
+    print(f"host to device: {bytes_per_image:.0f} bytes per training image (goal <= {goal})")
+    summary = {key: round(value, 2) for key, value in rates.items()}
+    print(json.dumps({**summary, "image_size": args.size, "host_bytes_per_image": bytes_per_image}))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Adam at 1e-5, batch 4, 100 epochs at 512², focal loss (alpha 0.3, gamma 3.5) pl
 with up to 1000 more negatives drawn afresh each epoch. It computes in bfloat16 (the seed used float32), which
 accelerators run at several times the speed; `--config.model.dtype=float32` restores the seed's arithmetic.
 
-    siim-jax train --config unet_resnet50:DATA_ROOT --workdir runs/unet_resnet50
+    siim-jax prepare DATA_ROOT --size 512 --out DATA_ROOT/prepared
+    siim-jax train --config unet_resnet50:DATA_ROOT --workdir runs/unet_resnet50 \
+        --config.data.prepared_dir=DATA_ROOT/prepared
     (or --config.data.root=DATA_ROOT; add --config.model.init_from=CONVERTED_IMAGENET_DIR for a pretrained encoder)
 """
 

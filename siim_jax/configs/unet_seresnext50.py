@@ -1,6 +1,7 @@
 """The seed's recipe (see unet_resnet50.py) with an SE-ResNeXt50 32x4d encoder in the Cadene/smp layout.
 
-    siim-jax train --config unet_seresnext50:DATA_ROOT --workdir runs/unet_seresnext50
+    siim-jax train --config unet_seresnext50:DATA_ROOT --workdir runs/unet_seresnext50 \
+        --config.data.prepared_dir=DATA_ROOT/prepared
 """
 
 from siim_jax.configs import unet_resnet50

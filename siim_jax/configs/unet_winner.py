@@ -5,9 +5,10 @@ make 80% of it, then 60% from epoch 10 and 40% from epoch 20; Adam 1e-4 with war
 three checkpoints are kept for averaging (`siim-jax predict --average-top 3`). Stage '1024' fine-tunes the stage
 '512' run at full size, starting from its best checkpoint:
 
-    siim-jax train --config unet_winner:512 --workdir runs/winner512 --config.data.root=DATA_ROOT
-    siim-jax train --config unet_winner:1024 --workdir runs/winner1024 --config.data.root=DATA_ROOT \
-        --config.model.init_from=runs/winner512
+    siim-jax prepare DATA_ROOT --size 512 --out DATA_ROOT/prepared  # and --size 1024 for stage '1024'
+    siim-jax train --config unet_winner:512 --workdir runs/winner512 --config.data.prepared_dir=DATA_ROOT/prepared
+    siim-jax train --config unet_winner:1024 --workdir runs/winner1024 \
+        --config.data.prepared_dir=DATA_ROOT/prepared --config.model.init_from=runs/winner512
 """
 
 from siim_jax.configs.defaults import default_config
