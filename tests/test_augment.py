@@ -96,7 +96,8 @@ def test_model_input_on_the_device_is_the_host_normalisation_bit_for_bit():
     assert on_device.shape == (1, 16, 16, 3) and on_device.dtype == np.float32
     np.testing.assert_array_equal(on_device, augment.normalise(images))
     # the ImageNet constants, in the order torchvision applies them: x / 255, minus the mean, over the std
-    expected = (np.arange(256, dtype=np.float32)[:, None] / np.float32(255) - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
+    grey = np.arange(256, dtype=np.float32)[:, None]
+    expected = (grey / np.float32(255) - augment.IMAGENET_MEAN) / augment.IMAGENET_STD
     np.testing.assert_array_equal(on_device.reshape(256, 3), expected)
 
 
