@@ -18,6 +18,7 @@ import argparse
 import gzip
 import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,9 +38,12 @@ from pydicom.uid import (
 
 from siim_jax.data import rle
 from siim_jax.data.dicom import read_dicom
-from tests import dicom_factory as factory
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "siim-real"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test suite's DICOM factory writes the files of every transfer syntax
+from tests import dicom_factory as factory  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "siim-real"
 
 
 def _best_ms(fn, repeat: int) -> float:
