@@ -22,6 +22,8 @@ from .helpers import challenge_dice
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SECTION = README.split("## Cross-validation, progressive resizing and ensembles")[1].split("\n## ")[0]
+# The module-scoped CV run takes minutes: its tests share one xdist worker so it is built once, not per worker.
+pytestmark = pytest.mark.xdist_group("cv_ensemble")
 
 # Small versions of the README's runs: a ResNet18 UNet at 32² (64² for the 1024² stage), three evaluated epochs
 # (so that --average-top 3 finds three ranked checkpoints), folds 0 and 1 only, a few images.
