@@ -6,24 +6,25 @@ import argparse
 import importlib
 import sys
 
-# name -> (module providing add_arguments(parser) and run(args) -> int, one-line help)
+# name -> one-line help; the command's module is siim_jax.commands.<name>, providing add_arguments(parser) and
+# run(args) -> int
 COMMANDS = {
-    "demo": ("siim_jax.demo", "the main job on built-in synthetic data: train, tune, evaluate, predict"),
-    "synth": ("siim_jax.data.synthetic.cli", "write a synthetic dataset in the challenge's layout"),
-    "prepare": ("siim_jax.data.tfds_siim", "decode the challenge tree once into a TFDS cache at the training size"),
-    "convert": ("siim_jax.convert", "convert PyTorch weights (torchvision, timm, Cadene, smp) to a Flax checkpoint"),
-    "train": ("siim_jax.train", "train a UNet from a config file"),
-    "cv": ("siim_jax.cv", "train every fold, then out-of-fold predictions and a summary of the folds"),
-    "tune": ("siim_jax.tune", "grid-search the post-processing on a validation fold or out-of-fold predictions"),
-    "evaluate": ("siim_jax.evaluate", "challenge metrics of a checkpoint on labelled images"),
-    "predict": ("siim_jax.predict", "write a submission CSV from a checkpoint"),
+    "demo": "the main job on built-in synthetic data: train, tune, evaluate, predict",
+    "synth": "write a synthetic dataset in the challenge's layout",
+    "prepare": "decode the challenge tree once into a TFDS cache at the training size",
+    "convert": "convert PyTorch weights (torchvision, timm, Cadene, smp) to a Flax checkpoint",
+    "train": "train a UNet from a config file",
+    "cv": "train every fold, then out-of-fold predictions and a summary of the folds",
+    "tune": "grid-search the post-processing on a validation fold or out-of-fold predictions",
+    "evaluate": "challenge metrics of a checkpoint on labelled images",
+    "predict": "write a submission CSV from a checkpoint",
 }
 
 
 def _command_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siim-jax", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -31,12 +32,11 @@ def _command_parser() -> argparse.ArgumentParser:
 def parse_command(argv: list[str]):
     """(module, parsed arguments) of a `siim-jax COMMAND ...` argument list (without the program name)."""
     name = _command_parser().parse_args(argv[:1]).command
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"siim-jax {name}", description=help_text)
+    module = importlib.import_module(f"siim_jax.commands.{name}")
+    parser = argparse.ArgumentParser(prog=f"siim-jax {name}", description=COMMANDS[name])
     module.add_arguments(parser)
-    # A module may parse its own way: train and demo take --config and its --config.a.b=value overrides,
-    # parsed by ml_collections.config_flags (config_utils.parse_args_with_config).
+    # A module may parse its own way: train, cv and demo take --config and its --config.a.b=value overrides,
+    # parsed by ml_collections.config_flags (commands.arguments.parse_args_with_config).
     parse = getattr(module, "parse_args", lambda parser, args: parser.parse_args(args))
     return module, parse(parser, argv[1:])
 

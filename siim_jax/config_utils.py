@@ -1,15 +1,15 @@
 """Loading training configs with `ml_collections.config_flags`, and checking them against the schema.
 
-`--config` takes a packaged recipe by name (`demo`, `unet_winner:1024`: `siim_jax/configs/NAME.py`) or a config
-file by path (`path/to/x.py[:arg]`); the text after the colon goes to its `get_config(arg)`. Overrides are
-config_flags' own `--config.a.b=value`, parsed by the type of the field they set. Every config then passes
-through `from_dict`, which copies it onto `configs.defaults.default_config()`: a key the schema lacks or a value
-of the wrong type fails with a message naming the key. A config saved with a checkpoint goes through it too.
+`--config` takes a packaged recipe by name (`demo`, `unet_winner:1024`: `configs/NAME.py`, shipped as
+`siim_jax.configs`) or a config file by path (`path/to/x.py[:arg]`); the text after the colon goes to its
+`get_config(arg)`. Overrides are config_flags' own `--config.a.b=value`, parsed by the type of the field they set.
+Every config then passes through `from_dict`, which copies it onto `configs.defaults.default_config()`: a key the
+schema lacks or a value of the wrong type fails with a message naming the key. A config saved with a checkpoint
+goes through it too.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import re
 import sys
@@ -74,7 +74,7 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_colle
 
 
 def packaged_configs() -> list[str]:
-    """Names of the recipes shipped in siim_jax/configs."""
+    """Names of the recipes shipped as siim_jax.configs (configs/ in the repository)."""
     files = importlib.resources.files("siim_jax.configs").iterdir()
     return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and f.name not in ("__init__.py", "defaults.py"))
 
@@ -161,19 +161,3 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if rest:
         raise ConfigError(f"overrides look like --{CONFIG_FLAG}.section.key=value; got {rest}")
     return config
-
-
-def parse_args_with_config(
-    parser: argparse.ArgumentParser, argv: Sequence[str], default: str | None = None
-) -> argparse.Namespace:
-    """`parser.parse_args(argv)` with `args.config` the ConfigDict of `--config` and its overrides (parsed by
-    config_flags, which argparse cannot declare); a config error exits with status 2, as argparse's do."""
-    try:
-        config, rest = parse_config_flags(argv, default)
-    except ConfigError as error:
-        parser.error(str(error))
-    args = parser.parse_args(rest)
-    if config is None:
-        parser.error(f"--{CONFIG_FLAG} is required: a packaged recipe ({', '.join(packaged_configs())}) or a file")
-    args.config = config
-    return args

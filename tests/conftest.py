@@ -72,7 +72,8 @@ def synthetic_tree(synthetic_trees) -> Path:
 @pytest.fixture
 def tiny_model(monkeypatch):
     """Training builds `tests.tiny_model`'s tiny net in place of the UNet (for tests of the loop, not the net)."""
-    from siim_jax import models, train
+    from siim_jax import models
+    from siim_jax.training import loop as train
     from tests.tiny_model import build_tiny_model
 
     monkeypatch.setattr(models, "build_model", build_tiny_model)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 from PIL import Image
-
 from siim_jax.configs.defaults import default_data_config
+
 from siim_jax.models import SegOutput
 from tests.multihost_worker import GRADIENT_ACCUMS
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from siim_jax import checkpoints, models, train
+from siim_jax import cli, models
+from siim_jax.training import checkpoints
+from siim_jax.training import loop as train
 from tests.tiny_model import build_tiny_model
 
 SIGNALLED_FILE = "signalled.json"
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> int:
         argv = argv[2:]
         install(argv[argv.index("--workdir") + 1], int(step), signum)
     models.build_model = train.build_model = build_tiny_model
-    return train.main(argv)
+    return cli.main(["train", *argv])
 
 
 class _ImageIdThatKills(str):
@@ -121,9 +123,9 @@ class _ImageIdThatKills(str):
 
 
 def write_submission_killed_at(out, n_rows: int, killed_at: int) -> None:
-    """Writes a submission of `n_rows` images with `predict.write_submission`, SIGKILLed while writing row
+    """Writes a submission of `n_rows` images with `submission.write_submission`, SIGKILLed while writing row
     `killed_at` (a multiprocessing target)."""
-    from siim_jax.predict import write_submission
+    from siim_jax.inference.submission import write_submission
 
     image_ids = [f"1.2.276.0.7230010.3.1.4.{index}" for index in range(n_rows)]
     image_ids[killed_at] = _ImageIdThatKills(image_ids[killed_at])

@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from siim_jax.convert import Rule, conversion_plan, load_into_model, load_state_dict, translate
 from siim_jax.models import build_unfilled
+from siim_jax.models.convert import Rule, conversion_plan, load_into_model, load_state_dict, translate
 from tests.conftest import reference_import
 
 torch = reference_import("torch")

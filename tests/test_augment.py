@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from siim_jax.configs import defaults
+
 from siim_jax.data import augment
 
 SIZE = 96

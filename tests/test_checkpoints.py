@@ -9,13 +9,14 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-
-from siim_jax import model_io, optim
-from siim_jax.checkpoints import TrainingCheckpoints, load_initial_weights, restore_for_inference
-from siim_jax.config_utils import ConfigError
 from siim_jax.configs.defaults import default_config
+
+from siim_jax.config_utils import ConfigError
 from siim_jax.models import build_model, build_unfilled
-from siim_jax.train_state import build_train_state
+from siim_jax.models import io as model_io
+from siim_jax.training import optim
+from siim_jax.training.checkpoints import TrainingCheckpoints, load_initial_weights, restore_for_inference
+from siim_jax.training.state import build_train_state
 from tests.tiny_model import TinySegmenter
 
 

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from siim_jax import convert as convert_module
-from siim_jax.checkpoints import load_initial_weights
 from siim_jax.configs.defaults import default_model_config
-from siim_jax.convert import ConversionError, convert, convert_with_config
-from siim_jax.model_io import load_model, save_model
+
 from siim_jax.models import build_model, build_unfilled
+from siim_jax.models import convert as convert_module
+from siim_jax.models.convert import ConversionError, convert, convert_with_config
+from siim_jax.models.io import load_model, save_model
+from siim_jax.training.checkpoints import load_initial_weights
 
 from .conftest import reference_import
 
@@ -153,5 +153,5 @@ def test_checkpoint_of_another_encoder_is_refused(unet_state, tmp_path):
 
 
 def test_siim_jax_never_imports_torch():
-    code = "import sys, siim_jax.convert, siim_jax.model_io, siim_jax.models; assert 'torch' not in sys.modules"
+    code = "import sys, siim_jax.models.convert, siim_jax.models.io, siim_jax.models; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from siim_jax import cli, cv, ensemble
+from siim_jax import cli
+from siim_jax.evaluation import cv, oof
+from siim_jax.evaluation.oof import FoldPredictions
+from siim_jax.inference import ensemble
+from siim_jax.inference.predictor import Prediction
 from siim_jax.metrics import roc_auc
-from siim_jax.predict import Prediction
-from siim_jax.tune import FoldPredictions
 
 from .helpers import challenge_dice
 
@@ -113,7 +115,7 @@ def test_readme_section_runs_and_cv_writes_its_outputs(readme_runs):
     workdir = readme_runs / "runs" / "cv_resnet50"
     for fold in (0, 1):
         assert (workdir / f"fold_{fold}" / cv.FINISHED_FILE).is_file()
-        assert (workdir / f"fold_{fold}" / cv.OOF_FILE).is_file()
+        assert (workdir / f"fold_{fold}" / oof.OOF_FILE).is_file()
     assert (workdir / cv.SUMMARY_PNG).stat().st_size > 0
     assert (workdir / "postprocess.json").is_file()
     for submission in ("submission_cv.csv", "submission_ensemble.csv"):
@@ -124,8 +126,8 @@ def test_readme_section_runs_and_cv_writes_its_outputs(readme_runs):
 def test_cv_summary_matches_the_challenge_metrics_of_the_out_of_fold_predictions(readme_runs):
     workdir = readme_runs / "runs" / "cv_resnet50"
     table = pd.read_csv(workdir / cv.SUMMARY_CSV, index_col=0)
-    folds = [cv.load_oof(path) for path in cv.fold_oof_files(workdir).values()]
-    for name, predictions in [("fold 0", folds[0]), ("fold 1", folds[1]), ("pooled", cv.concatenate(folds))]:
+    folds = [oof.load_oof(path) for path in oof.fold_oof_files(workdir).values()]
+    for name, predictions in [("fold 0", folds[0]), ("fold 1", folds[1]), ("pooled", oof.concatenate(folds))]:
         probs = np.stack(predictions.probs).astype(np.float32)
         truths = np.stack(predictions.truths)
         assert probs.shape[1:] == (32, 32)  # the training size
@@ -140,19 +142,19 @@ def test_cv_summary_matches_the_challenge_metrics_of_the_out_of_fold_predictions
 
 
 def test_a_finished_cv_is_not_trained_again(readme_runs, monkeypatch, capsys):
-    import siim_jax.train
+    import siim_jax.training.loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished fold was trained again")
 
-    monkeypatch.setattr(siim_jax.train, "train_and_evaluate", refuse)
+    monkeypatch.setattr(siim_jax.training.loop, "train_and_evaluate", refuse)
     monkeypatch.chdir(readme_runs)
     assert cli.main(tiny(readme_commands()[0])) == 0
     assert "finished earlier" in capsys.readouterr().out
 
 
 def test_progressive_stage_starts_from_the_512_run(readme_runs):
-    from siim_jax.checkpoints import restore_config
+    from siim_jax.training.checkpoints import restore_config
 
     config = restore_config(readme_runs / "runs" / "winner1024")
     assert config.model.init_from == "runs/winner512"
@@ -237,8 +239,8 @@ def test_pooled_oof_of_two_runs_averages_them_by_image_id(tmp_path):
                              [truths[i] for i in order], None, [(64, 64)] * 3)
     for name, predictions in (("one", first), ("two", second)):
         (tmp_path / name / "fold_0").mkdir(parents=True)
-        cv.save_oof(tmp_path / name / "fold_0" / cv.OOF_FILE, predictions)
-    pooled = cv.pooled_oof([tmp_path / "one", tmp_path / "two"])
+        oof.save_oof(tmp_path / name / "fold_0" / oof.OOF_FILE, predictions)
+    pooled = oof.pooled_oof([tmp_path / "one", tmp_path / "two"])
     assert pooled.image_ids == ids and pooled.class_probs == pytest.approx([0.1, 0.5, 0.9])
     for i, image_id in enumerate(ids):
         other = cv2.resize(second_probs[image_id].astype(np.float32), (8, 8), interpolation=cv2.INTER_LINEAR)

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from siim_jax import losses
+from siim_jax.training import losses
 
 from .conftest import reference_import
 

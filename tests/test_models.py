@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from siim_jax.configs.defaults import default_model_config
+
 from siim_jax.models import UNet, build_model, build_unfilled
 from siim_jax.models.layers import BatchNorm, call, max_pool_3x3_s2, resize_nearest
 from siim_jax.models.unet import DecoderBlock

@@ -1,16 +1,8 @@
 import numpy as np
 import pytest
 
-from siim_jax.overlays import (
-    PRED_COLOUR,
-    SHEET_NAME,
-    TILE_SIZE,
-    TRUE_COLOUR,
-    OverlayWriter,
-    contact_sheet,
-    render_overlay,
-    safe_file_name,
-)
+from siim_jax.inference.overlays import SHEET_NAME, OverlayWriter
+from siim_jax.pictures import PRED_COLOUR, TILE_SIZE, TRUE_COLOUR, contact_sheet, render_overlay, safe_file_name
 
 from .helpers import read_png
 

@@ -3,8 +3,8 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-
 from siim_jax.configs import defaults
+
 from siim_jax.data import pipeline
 
 from .helpers import (

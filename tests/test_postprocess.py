@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from siim_jax.postprocess import PostProcess, default_grid, expand_grid, grid_search
+from siim_jax.inference.postprocess import PostProcess, default_grid, expand_grid, grid_search
 
 from .helpers import challenge_dice
 

@@ -14,19 +14,11 @@ from flax import nnx
 from siim_jax.data import rle
 from siim_jax.data.augment import normalise, resize_pair
 from siim_jax.data.dicom import DicomError
+from siim_jax.inference.overlays import OverlayWriter
+from siim_jax.inference.postprocess import PostProcess
+from siim_jax.inference.predictor import Inference, Predictor, UnreadableImageWarning, predict_probabilities
+from siim_jax.inference.submission import SubmissionError, predict_submission, submission_items, write_submission
 from siim_jax.models import SegOutput
-from siim_jax.overlays import OverlayWriter
-from siim_jax.postprocess import PostProcess
-from siim_jax.predict import (
-    Inference,
-    Predictor,
-    SubmissionError,
-    UnreadableImageWarning,
-    predict_probabilities,
-    predict_submission,
-    submission_items,
-    write_submission,
-)
 
 from . import dicom_factory as factory
 from .helpers import Brightness, read_png
@@ -87,7 +79,7 @@ SHARDED_SCRIPT = """
 import jax, numpy as np
 from flax import nnx
 from siim_jax.models import SegOutput
-from siim_jax.predict import Predictor, predict_probabilities
+from siim_jax.inference.predictor import Predictor, predict_probabilities
 assert jax.device_count() == 2
 class Conv(nnx.Module):
     def __init__(self):
@@ -156,7 +148,7 @@ def test_submission_rle_decodes_back_to_the_predicted_masks(tmp_path):
 
 
 def test_progress_bar_counts_only_images_whose_results_reached_the_host(tmp_path, monkeypatch):
-    from siim_jax import predict
+    from siim_jax.inference import predictor as predict
 
     fetched, shown = [0], []
 
@@ -278,9 +270,9 @@ def test_predict_writes_overlays_of_its_images(tmp_path):
 
 def _small_model_dir(folder, dtype="float32"):
     """A randomly initialised demo-style UNet at MODEL_SIZE, saved as a model directory."""
-    from siim_jax import model_io
     from siim_jax.config_utils import load_config
     from siim_jax.models import build_model
+    from siim_jax.models import io as model_io
 
     model_config = load_config(DEMO_CONFIG).model
     model_config.update(decoder_channels=(16, 8, 8, 8, 8), dtype=dtype)
@@ -327,7 +319,7 @@ def _train_briefly(root):
     evaluated (so that two checkpoints are ranked)."""
     from siim_jax.config_utils import load_config
     from siim_jax.data.synthetic import generate
-    from siim_jax.train import train_and_evaluate
+    from siim_jax.training.loop import train_and_evaluate
 
     data = generate(root / "data", n_train=12, n_test=5, seed=1, positive_fraction=0.5, stage2=True, progress=False)
     config = load_config(f"{DEMO_CONFIG}:{data.out_dir}")
@@ -354,7 +346,7 @@ def test_briefly_trained_run_through_predict_tune_and_evaluate(tmp_path, capsys)
 
 
 def _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, data, tmp_path, capsys):
-    from siim_jax import predict
+    from siim_jax.commands import predict
 
     out = tmp_path / "submission.csv"
     argv = ["--checkpoint", run_dir, "--best", "--data", data.out_dir / "dicom-images-test", "--out", out,
@@ -370,7 +362,7 @@ def _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, dat
 
 
 def _check_checkpoint_averaging_is_the_mean_of_the_parameters(run_dir):
-    from siim_jax.checkpoints import TrainingCheckpoints, checkpoint_directory, restore_for_inference
+    from siim_jax.training.checkpoints import TrainingCheckpoints, checkpoint_directory, restore_for_inference
 
     with TrainingCheckpoints(checkpoint_directory(run_dir), read_only=True) as checkpoints:
         steps = checkpoints.best_steps(2)
@@ -385,7 +377,7 @@ def _check_checkpoint_averaging_is_the_mean_of_the_parameters(run_dir):
 
 
 def _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys):
-    from siim_jax import evaluate, tune
+    from siim_jax.commands import evaluate, tune
 
     tuned = tmp_path / "postprocess.json"
     assert _run_command(tune, ["--checkpoint", run_dir, "--out", tuned, "--top", 3]) == 0

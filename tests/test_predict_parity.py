@@ -10,7 +10,7 @@ import pytest
 from siim_jax.data import rle
 from siim_jax.data.augment import normalise, resize_pair
 from siim_jax.data.dicom import read_dicom
-from siim_jax.postprocess import PostProcess
+from siim_jax.inference.postprocess import PostProcess
 
 from . import dicom_factory as factory
 from .conftest import reference_import
@@ -44,8 +44,8 @@ def _torch_probabilities(model, pixels, resize=True):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from siim_jax.convert import convert_with_config
-    from siim_jax.model_io import save_model
+    from siim_jax.models.convert import convert_with_config
+    from siim_jax.models.io import save_model
 
     torch.manual_seed(0)
     reference = smp.Unet("resnet18", encoder_weights=None, decoder_channels=DECODER_CHANNELS, classes=1,
@@ -62,7 +62,8 @@ def converted(tmp_path_factory):
 
 
 def test_predict_with_converted_smp_checkpoint_matches_pytorch(converted, tmp_path):
-    from siim_jax import predict
+    from siim_jax.commands import arguments, predict
+    from siim_jax.inference import submission
 
     reference, model_dir = converted
     rng = np.random.default_rng(0)
@@ -82,10 +83,10 @@ def test_predict_with_converted_smp_checkpoint_matches_pytorch(converted, tmp_pa
         "--checkpoint", str(model_dir), "--image-size", str(MODEL_SIZE), "--data", str(tmp_path / "test"),
         "--out", str(tmp_path / "submission.csv"), "--batch-size", "2",
     ])
-    inference = predict.inference_from_args(args)
+    inference = arguments.inference_from_args(args)
     inference.progress = False
-    items = predict.submission_items(args.data)
-    predict.predict_submission(inference, items, args.out, PostProcess(threshold=threshold))
+    items = submission.submission_items(args.data)
+    submission.predict_submission(inference, items, args.out, PostProcess(threshold=threshold))
 
     # The model-resolution outputs, class probability included, before resizing and thresholding.
     first = next(iter(images.values()))

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
 from siim_jax.data import labels, rle
-from siim_jax.postprocess import PostProcess
+from siim_jax.inference.postprocess import PostProcess
 
 # ---------------------------------------------------------------------------------------------------- RLE
 

@@ -199,3 +199,17 @@ def test_readme_tool_has_help(command):
     script = shlex.split(command)[1]
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_python_blocks_use_only_the_public_api():
+    import ast
+
+    import siim_jax
+
+    for block in PYTHON_BLOCKS:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("siim_jax") for alias in node.names), ast.unparse(node)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("siim_jax"):
+                assert node.module == "siim_jax", f"README imports from {node.module}: {ast.unparse(node)}"
+                assert {alias.name for alias in node.names} <= set(siim_jax.__all__), ast.unparse(node)

@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from siim_jax import train
+from siim_jax import cli
 from siim_jax.config_utils import ConfigError, from_dict, load_config
 from siim_jax.data.dicom import DicomError, read_dicom, read_header
 from siim_jax.data.labels import LabelError, build_index, read_image_ids
+from siim_jax.training import loop as train
 from tests import dicom_factory as factory
 from tests.bad_inputs import (
     BAD_ID,
@@ -190,7 +191,7 @@ def tree_with_bad_inputs(synthetic_trees, tmp_path_factory) -> tuple[Path, str]:
 
 
 def run_training(root: Path, workdir: Path, *settings: str) -> int:
-    return train.main(["--config", f"{DEMO_CONFIG}:{root}", "--workdir", str(workdir), *RUN_SETTINGS, *settings])
+    return cli.main(["train", "--config", f"{DEMO_CONFIG}:{root}", "--workdir", str(workdir), *RUN_SETTINGS, *settings])
 
 
 @pytest.mark.filterwarnings(TRUNCATION_WARNING)
@@ -248,7 +249,7 @@ hostile_ids = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(hostile_ids)
 def test_image_ids_become_plain_file_names_inside_the_folder(image_id):
-    from siim_jax.overlays import safe_file_name
+    from siim_jax.pictures import safe_file_name
 
     name = safe_file_name(image_id)
     folder = Path("/srv/overlays")
@@ -258,7 +259,7 @@ def test_image_ids_become_plain_file_names_inside_the_folder(image_id):
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_overlays_of_hostile_dicom_ids_stay_in_their_folder(tmp_path):
-    from siim_jax.overlays import OverlayWriter
+    from siim_jax.inference.overlays import OverlayWriter
 
     out = tmp_path / "deep" / "overlays"
     writer = OverlayWriter(out)
@@ -285,7 +286,7 @@ class _Payload:
 def test_pytorch_checkpoints_are_loaded_as_weights_only(tmp_path):
     torch = reference_import("torch")
 
-    from siim_jax.convert import load_state_dict
+    from siim_jax.models.convert import load_state_dict
 
     canary = tmp_path / "pwned"
     hostile = tmp_path / "hostile.pth"
@@ -314,7 +315,7 @@ def test_config_overrides_are_data_never_code(tmp_path, key):
 
 @pytest.mark.parametrize("image_id", ["1.2,3", '1.2"3', "1.2\n3", "1.2\r3"])
 def test_submissions_refuse_image_ids_that_would_break_a_csv_line(tmp_path, image_id):
-    from siim_jax.predict import SubmissionError, write_submission
+    from siim_jax.inference.submission import SubmissionError, write_submission
 
     out = tmp_path / "submission.csv"
     with pytest.raises(SubmissionError, match="would break the CSV"):

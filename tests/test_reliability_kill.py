@@ -19,9 +19,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from siim_jax.checkpoints import CHECKPOINT_DIR
+from siim_jax.inference.predictor import Inference, Predictor
+from siim_jax.inference.submission import predict_submission
 from siim_jax.models import SegOutput
-from siim_jax.predict import Inference, Predictor, predict_submission
+from siim_jax.training.checkpoints import CHECKPOINT_DIR
 from tests import dicom_factory as factory
 from tests import kill_worker
 from tests.kill_worker import forkserver, run_child  # noqa: F401 - forkserver is a fixture

@@ -15,8 +15,9 @@ import pytest
 from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
+from siim_jax.commands import synth
 from siim_jax.data import layout, rle, synthetic
-from siim_jax.data.synthetic import anatomy, cli, patients
+from siim_jax.data.synthetic import anatomy, patients
 
 SEED = 3
 N_TRAIN, N_TEST = 6, 2
@@ -199,9 +200,9 @@ def test_mask_source_rows_come_from_the_real_label_file(tmp_path, siim_real):
 
 def test_command_line_writes_a_dataset(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    synth.add_arguments(parser)
     args = parser.parse_args([str(tmp_path / "cli"), "--n-train", "2", "--n-test", "1", "--seed", "5"])
     assert (args.difficulty, args.processes, args.stage2, args.mask_source) == (0.5, 1, False, None)
-    assert cli.run(args) == 0
+    assert synth.run(args) == 0
     assert len(dicom_files(tmp_path / "cli", "train")) == 2
     assert "images/s" in capsys.readouterr().out

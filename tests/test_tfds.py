@@ -80,5 +80,5 @@ def test_pipeline_reads_the_same_folds_and_batches_prepared_or_on_the_fly(corrup
 
 def test_on_the_fly_training_does_not_import_tfds():
     # TFDS loads only for a prepared cache (pipeline imports tfds_siim inside its prepared-cache branches).
-    code = "import sys, siim_jax.train; sys.exit('tensorflow_datasets' in sys.modules)"
+    code = "import sys, siim_jax.training.loop; sys.exit('tensorflow_datasets' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0

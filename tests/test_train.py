@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from siim_jax import cli, config_utils, train
-from siim_jax.checkpoints import TrainingCheckpoints, restore_for_inference
+from siim_jax import cli, config_utils
 from siim_jax.data.augment import model_input
-from siim_jax.logging_utils import read_history
+from siim_jax.training import loop as train
+from siim_jax.training.checkpoints import TrainingCheckpoints, restore_for_inference
+from siim_jax.training.logging import read_history
 from tests.test_train_logging import read_events
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from siim_jax.logging_utils import (
+from siim_jax.training.logging import (
     CURVES_FILE,
     METRICS_FILE,
     TENSORBOARD_DIR,

@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-from siim_jax import losses, optim, sharding
 from siim_jax.configs import defaults
-from siim_jax.train_state import build_train_state, make_train_step
+
+from siim_jax.training import losses, optim, sharding
+from siim_jax.training.state import build_train_state, make_train_step
 from tests.conftest import reference_import
 from tests.helpers import gradient_error
 from tests.multihost_worker import step_gradient

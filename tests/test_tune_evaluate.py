@@ -4,23 +4,23 @@ import pytest
 
 from siim_jax.data import rle
 from siim_jax.data.augment import normalise, resize_pair
-from siim_jax.evaluate import (
+from siim_jax.evaluation.evaluate import (
     PER_IMAGE_COLUMNS,
     evaluate_images,
     labelled_frame,
     summarise,
 )
-from siim_jax.metrics import roc_auc
-from siim_jax.overlays import SHEET_NAME, OverlayWriter
-from siim_jax.postprocess import PostProcess
-from siim_jax.predict import Inference, Predictor
-from siim_jax.tune import (
-    FoldPredictions,
+from siim_jax.evaluation.oof import FoldPredictions
+from siim_jax.evaluation.tune import (
     format_table,
     predict_fold,
     rescale_areas,
     tune,
 )
+from siim_jax.inference.overlays import SHEET_NAME, OverlayWriter
+from siim_jax.inference.postprocess import PostProcess
+from siim_jax.inference.predictor import Inference, Predictor
+from siim_jax.metrics import roc_auc
 
 from . import dicom_factory as factory
 from .helpers import Brightness, challenge_dice, square

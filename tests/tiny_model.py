@@ -34,7 +34,7 @@ class TinySegmenter(nnx.Module):
 
 
 def build_tiny_model(model_config=None, rngs: nnx.Rngs | None = None) -> TinySegmenter:
-    """A stand-in for `siim_jax.models.build_model` (patch it there and in `siim_jax.train`)."""
+    """A stand-in for `siim_jax.models.build_model` (patch it there and in `siim_jax.training.loop`)."""
     return TinySegmenter(rngs=rngs or nnx.Rngs(0))
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import pydicom
 import torch
-
 from siim_jax.configs.defaults import default_augment_config, default_data_config
+
 from siim_jax.data import layout, pipeline, rle, synthetic, tfds_siim
 from siim_jax.data.labels import build_index
 

@@ -47,7 +47,8 @@ On the GPU machine (docs/benchmarks/README.md): fetch the wheels it lacks with
 then run (device tool `run`, carry [".whl"], timeout_s 560):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 -c "import siim_jax.train, siim_jax.predict" \
+      .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
+      && python3 -c "import siim_jax.training.loop, siim_jax.inference.predictor" \
       && python3 tools/bench_train.py --out $OUT/bench.json
 
 $OUT/bench.json and $OUT/bench_logs.tar.gz come back. Child environment: XLA_FLAGS gains

@@ -18,14 +18,16 @@ from pathlib import Path
 import pandas as pd
 
 from siim_jax import config_utils
+from siim_jax.commands.arguments import parse_args_with_config
 from siim_jax.data import synthetic
 from siim_jax.data.layout import SAMPLE_SUBMISSION_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR
-from siim_jax.evaluate import evaluate_images, format_summary, labelled_frame, summarise
-from siim_jax.overlays import OverlayWriter
-from siim_jax.predict import Inference, overlay_sample, predict_submission, submission_items
-from siim_jax.tune import format_table, predict_fold, tune
+from siim_jax.evaluation.evaluate import evaluate_images, format_summary, labelled_frame, summarise
+from siim_jax.evaluation.tune import format_table, predict_fold, tune
+from siim_jax.inference.overlays import OverlayWriter, overlay_sample
+from siim_jax.inference.predictor import Inference
+from siim_jax.inference.submission import predict_submission, submission_items
 
-DEMO_CONFIG = "demo"  # siim_jax/configs/demo.py
+DEMO_CONFIG = "demo"  # configs/demo.py
 
 
 def ensure_dataset(data_dir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None) -> Path:
@@ -58,7 +60,7 @@ def inference_for(train_dir: Path) -> Inference:
 def run_demo(workdir: Path, n_train: int, n_test: int, seed: int, mask_source: str | None, config=None) -> dict:
     """Runs every stage and returns the summary written to `workdir/summary.json`. `config` defaults to the
     packaged demo config; its `data.root`, when empty, becomes the synthetic dataset."""
-    from siim_jax.train import train_and_evaluate  # imports JAX: after the dataset is written
+    from siim_jax.training.loop import train_and_evaluate  # imports JAX: after the dataset is written
 
     start = time.perf_counter()
     workdir = workdir.absolute()
@@ -137,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=40, help="synthetic test images (40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset (0)")
     parser.add_argument("--mask-source", help="take the pneumothorax shapes from this label CSV (e.g. a real one)")
-    # Parsed by config_flags (config_utils.parse_args_with_config); declared here for --help.
+    # Parsed by config_flags (arguments.parse_args_with_config); declared here for --help.
     parser.add_argument(
         "--config", metavar="NAME[:ARG]",
         help=f"the recipe ({DEMO_CONFIG}); override its fields with --config.a.b=value",
@@ -145,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    return config_utils.parse_args_with_config(parser, argv, default=DEMO_CONFIG)
+    return parse_args_with_config(parser, argv, default=DEMO_CONFIG)
 
 
 def run(args: argparse.Namespace) -> int:

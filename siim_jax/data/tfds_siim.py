@@ -14,7 +14,6 @@ files with reasons. A file that cannot be decoded is reported and skipped, never
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import multiprocessing
@@ -195,18 +194,3 @@ def report(builder: tfds.core.DatasetBuilder) -> str:
         lines.append(f"{len(metadata['skipped'])} files skipped:")
         lines += [f"  {item['split']}: {item['reason']}" for item in metadata["skipped"]]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data_dir", type=Path, help=f"the challenge tree ({TRAIN_DIR}/, {TRAIN_CSV}, {TEST_DIR}/)")
-    parser.add_argument("--size", type=int, default=512, help="training size in pixels (default 512)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the prepared datasets (TFDS data_dir)")
-    parser.add_argument("--labels", type=Path, help=f"label CSV (default DATA_DIR/{TRAIN_CSV})")
-    parser.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
-
-
-def run(args: argparse.Namespace) -> int:
-    builder = prepare(args.data_dir, args.size, args.out, labels_csv=args.labels, workers=args.workers)
-    print(f"prepared {args.data_dir} at {args.size}x{args.size} in {builder.data_dir}")
-    print(report(builder))
-    return 0

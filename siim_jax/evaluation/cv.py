@@ -2,8 +2,8 @@
 
     siim-jax cv --config NAME[:ARG] --workdir W [--folds 0,1,2,3,4] [--best | --average-top K]
 
-Fold k trains with `data.fold = k` into `W/fold_k` through `train.train_and_evaluate`: a fold whose training ended
-is marked by `W/fold_k/finished.json` and skipped, an interrupted one resumes from its latest checkpoint. Each
+Fold k trains with `data.fold = k` into `W/fold_k` through `training.loop.train_and_evaluate`: a fold whose training
+ended is marked by `W/fold_k/finished.json` and skipped, an interrupted one resumes from its latest checkpoint. Each
 trained fold then predicts its own validation images (its latest checkpoint, or `--best` / `--average-top K`) into
 `W/fold_k/oof.npz`: probabilities as float16, truths and the images' original sizes at the training size
 `data.image_size` (masks resized nearest, as the training pipeline does), the class probabilities when the model has
@@ -14,9 +14,8 @@ by the class head), the Dice over positive images, IoU and the image-level AUC, 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,14 +24,14 @@ import numpy as np
 import pandas as pd
 
 from siim_jax import config_utils
-from siim_jax.metrics import MetricAccumulator
-from siim_jax.tune import FoldPredictions
+from siim_jax.evaluation.oof import OOF_FILE, FoldPredictions, concatenate, load_oof, oof_metrics, save_oof
 
 FINISHED_FILE = "finished.json"
-OOF_FILE = "oof.npz"
 SUMMARY_CSV = "cv_summary.csv"
 SUMMARY_PNG = "cv_summary.png"
 SUMMARY_COLUMNS = ("dice", "dice_gated", "dice_positive", "iou", "auc", "n_images")
+
+log = logging.getLogger(__name__)
 
 
 class FoldInterrupted(RuntimeError):
@@ -53,11 +52,11 @@ def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.
 
 def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dict:
     """Trains fold `fold` (resuming it) unless it has finished; returns its last validation metrics."""
-    from siim_jax.train import train_and_evaluate  # JAX and the training stack, only when a fold trains
+    from siim_jax.training.loop import train_and_evaluate  # JAX and the training stack, only when a fold trains
 
     finished = fold_dir(workdir, fold) / FINISHED_FILE
     if finished.is_file():
-        print(f"fold {fold}: finished earlier ({finished}), skipped")
+        log.info("fold %d: finished earlier (%s), skipped", fold, finished)
         return json.loads(finished.read_text())
     result = train_and_evaluate(fold_config(config, fold), fold_dir(workdir, fold))
     if result["stopped_by"]:
@@ -72,110 +71,18 @@ def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> d
 def predict_out_of_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int, *, best: bool = False,
                         average_top: int = 0, batch_size: int = 8) -> FoldPredictions:
     """The fold's validation images predicted by its own model at `data.image_size`, as `tune` takes them."""
-    from siim_jax.evaluate import labelled_frame, resolve_labelled_data
-    from siim_jax.predict import Inference
-    from siim_jax.tune import predict_fold
+    from siim_jax.evaluation.evaluate import labelled_data, labelled_frame
+    from siim_jax.evaluation.tune import predict_fold
+    from siim_jax.inference.predictor import Inference
 
     config = fold_config(config, fold)
     inference = Inference.from_checkpoint(fold_dir(workdir, fold), best=best, average_top=average_top,
                                           image_size=int(config.data.image_size), batch_size=batch_size)
-    dicom_dir, labels, _ = resolve_labelled_data(argparse.Namespace(data=None, labels=None), config)
+    dicom_dir, labels, _ = labelled_data(config)
     return predict_fold(inference, labelled_frame(dicom_dir, labels, fold, config.data))
 
 
-def save_oof(path: Path, predictions: FoldPredictions) -> None:
-    """Writes the predictions as one .npz, atomically (a rerun recomputes a missing file, never reads half of one)."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(
-        temporary,
-        image_ids=np.asarray(predictions.image_ids),
-        probs=np.stack(predictions.probs).astype(np.float16),
-        truths=np.stack(predictions.truths),
-        class_probs=np.asarray(predictions.class_probs if predictions.class_probs is not None else [], np.float32),
-        original_sizes=np.asarray(predictions.original_sizes, np.int64),
-    )
-    os.replace(temporary, path)
-
-
-def load_oof(path: Path) -> FoldPredictions:
-    with np.load(path) as saved:
-        class_probs = saved["class_probs"].tolist()
-        return FoldPredictions(
-            saved["image_ids"].tolist(), list(saved["probs"]), list(saved["truths"]), class_probs or None,
-            [tuple(size) for size in saved["original_sizes"].tolist()],
-        )
-
-
-def fold_oof_files(workdir: str | Path) -> dict[int, Path]:
-    """{fold: its out-of-fold file} of a CV workdir; an error names the folder when there is none."""
-    files = {int(path.parent.name.removeprefix("fold_")): path for path in Path(workdir).glob(f"fold_*/{OOF_FILE}")}
-    if not files:
-        raise FileNotFoundError(f"{workdir}: no fold_<k>/{OOF_FILE}; run `siim-jax cv` there first")
-    return dict(sorted(files.items()))
-
-
-def concatenate(parts: Sequence[FoldPredictions]) -> FoldPredictions:
-    class_heads = {part.class_probs is not None for part in parts}
-    if len(class_heads) > 1:
-        raise ValueError("some folds have class probabilities and some do not")
-    return FoldPredictions(
-        [image_id for part in parts for image_id in part.image_ids],
-        [prob for part in parts for prob in part.probs],
-        [truth for part in parts for truth in part.truths],
-        [prob for part in parts for prob in part.class_probs] if class_heads == {True} else None,
-        [size for part in parts for size in part.original_sizes],
-    )
-
-
-def pooled_oof(workdirs: Sequence[str | Path]) -> FoldPredictions:
-    """All folds of a CV run pooled; of several runs over the same images (an ensemble), their probabilities
-    averaged (resized to the first run's size) and the class probabilities of the runs that have them averaged."""
-    import cv2
-
-    runs = [concatenate([load_oof(path) for path in fold_oof_files(workdir).values()]) for workdir in workdirs]
-    if len(runs) == 1:
-        return runs[0]
-    first, others = runs[0], runs[1:]
-    height, width = first.resolution
-    positions = []
-    for workdir, run in zip(workdirs[1:], others):
-        where = {image_id: i for i, image_id in enumerate(run.image_ids)}
-        missing = [image_id for image_id in first.image_ids if image_id not in where]
-        if missing:
-            raise ValueError(f"{workdir} has no out-of-fold prediction of {len(missing)} images, e.g. {missing[:3]}")
-        positions.append([where[image_id] for image_id in first.image_ids])
-    probs = []
-    for i, prob in enumerate(first.probs):
-        total = prob.astype(np.float32)
-        for run, position in zip(others, positions):
-            other = run.probs[position[i]].astype(np.float32)
-            total += cv2.resize(other, (width, height), interpolation=cv2.INTER_LINEAR)
-        probs.append((total / len(runs)).astype(np.float16))
-    class_runs = [(run, position) for run, position in zip(others, positions) if run.class_probs is not None]
-    if first.class_probs is not None:
-        class_runs.insert(0, (first, range(len(first.image_ids))))
-    class_probs = None
-    if class_runs:
-        class_probs = [float(np.mean([run.class_probs[position[i]] for run, position in class_runs]))
-                       for i in range(len(first.image_ids))]
-    return FoldPredictions(first.image_ids, probs, first.truths, class_probs, first.original_sizes)
-
-
 # ---------------------------------------------------------------------------------------------------- summary
-
-
-def oof_metrics(predictions: FoldPredictions, threshold: float = 0.5) -> dict[str, float]:
-    """`MetricAccumulator.summarise` of the predictions binarised at `threshold`, at their resolution."""
-    stats = {name: [] for name in ("intersection", "pred_area", "true_area", "score")}
-    for i, (prob, truth) in enumerate(zip(predictions.probs, predictions.truths)):
-        predicted = prob > threshold
-        stats["intersection"].append(np.count_nonzero(predicted & truth))
-        stats["pred_area"].append(np.count_nonzero(predicted))
-        stats["true_area"].append(np.count_nonzero(truth))
-        stats["score"].append(predictions.class_probs[i] if predictions.class_probs else float(prob.max()))
-    accumulator = MetricAccumulator()
-    accumulator.add({name: np.asarray(values, np.float64) for name, values in stats.items()})
-    return accumulator.summarise()
 
 
 def summary_table(per_fold: dict[int, FoldPredictions]) -> pd.DataFrame:
@@ -224,41 +131,3 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str | Path, folds: Sequen
     table.to_csv(workdir / SUMMARY_CSV)
     plot_summary(table, workdir / SUMMARY_PNG)
     return table
-
-
-# ---------------------------------------------------------------------------------------------------- command line
-
-
-def _fold_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"folds look like 0,1,2; got {text!r}") from error
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Parsed by config_flags (config_utils.parse_args_with_config); declared here for --help.
-    parser.add_argument("--config", metavar="NAME[:ARG]",
-                        help="the recipe of every fold; override its fields with --config.a.b=value")
-    parser.add_argument("--workdir", required=True, type=Path, help="fold k trains into WORKDIR/fold_k")
-    parser.add_argument("--folds", type=_fold_list, metavar="0,1,...",
-                        help="the folds to train (default: all data.n_folds)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--best", action="store_true", help="out-of-fold predictions from each fold's best step")
-    which.add_argument("--average-top", type=int, default=0, metavar="K",
-                       help="out-of-fold predictions from each fold's K best steps averaged")
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    return config_utils.parse_args_with_config(parser, argv)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        table = run_cv(args.config, args.workdir, args.folds, best=args.best, average_top=args.average_top)
-    except (FoldInterrupted, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"siim-jax cv: {error}") from error
-    print(table.round(4).to_string())
-    print(f"wrote {args.workdir / SUMMARY_CSV}, {args.workdir / SUMMARY_PNG} and fold_<k>/{OOF_FILE} "
-          f"(tune on them: siim-jax tune --oof {args.workdir})")
-    return 0

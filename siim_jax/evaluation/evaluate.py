@@ -1,4 +1,4 @@
-"""Challenge metrics of a checkpoint on labelled images, with a per-image CSV and optional pictures.
+"""Challenge metrics of a checkpoint on labelled images: a per-image table, its summary and optional pictures.
 
     siim-jax evaluate --checkpoint DIR --data DICOM_DIR --labels CSV [--fold K] --out per_image.csv
 
@@ -6,12 +6,11 @@ Masks are predicted exactly as `predict` writes them (original size, post-proces
 compared with the merged label masks at the original size. Prints the mean challenge Dice, IoU, Dice over the
 positive images and the image-level ROC AUC of the positive score (class probability, or else the largest
 pixel probability). An unreadable image counts as predicted empty, as it would in a submission. A repeated
-`--checkpoint`, or `--ensemble JSON`, evaluates an ensemble (see siim_jax.ensemble).
+`--checkpoint`, or `--ensemble JSON`, evaluates an ensemble (see siim_jax.inference.ensemble).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import ml_collections
@@ -20,31 +19,15 @@ import pandas as pd
 
 from siim_jax.data.labels import build_index, merged_mask
 from siim_jax.data.layout import TRAIN_CSV, TRAIN_DIR
+from siim_jax.inference.overlays import OverlayWriter
+from siim_jax.inference.postprocess import PostProcess
+from siim_jax.inference.predictor import Inference, Item, Prediction
 from siim_jax.metrics import STAT_NAMES, MetricAccumulator, dice_from_areas, iou_from_areas
-from siim_jax.overlays import OverlayWriter
-from siim_jax.postprocess import PostProcess
-from siim_jax.predict import (
-    Inference,
-    Item,
-    Prediction,
-    add_model_arguments,
-    add_overlay_arguments,
-    inference_from_args,
-    overlay_sample,
-)
 
 PER_IMAGE_COLUMNS = ("ImageId", "dice", "iou", "true_area", "pred_area", "score")
 
 
 # ---------------------------------------------------------------------------------------------------- labelled data
-
-
-def add_labelled_data_arguments(parser: argparse.ArgumentParser, fold_help: str) -> None:
-    """--data/--labels/--fold, shared with `tune`; defaults come from the checkpoint's training config."""
-    parser.add_argument("--data", type=Path,
-                        help="folder of labelled DICOMs (default: the training config's dicom-images-train)")
-    parser.add_argument("--labels", type=Path, help="label CSV (default: the training config's label file)")
-    parser.add_argument("--fold", type=int, help=fold_help)
 
 
 def labelled_frame(dicom_dir, labels_csv, fold: int | None, data_config=None) -> pd.DataFrame:
@@ -69,16 +52,19 @@ def frame_items(frame: pd.DataFrame) -> list[Item]:
     return list(zip(frame["image_id"], frame["path"]))
 
 
-def resolve_labelled_data(args: argparse.Namespace, config: ml_collections.ConfigDict) -> tuple[Path, Path, object]:
-    """(DICOM folder, label CSV, data config or None) from the flags, else from the training config."""
+def labelled_data(
+    config: ml_collections.ConfigDict, data: Path | None = None, labels: Path | None = None
+) -> tuple[Path, Path, ml_collections.ConfigDict | None]:
+    """(DICOM folder, label CSV, data config or None): `data` and `labels` where given, else the training config's
+    (`config` is a checkpoint's; a converted model's has no data section). ValueError when neither names them."""
     data_config = config.data if "data" in config else None
-    if args.data and args.labels:
-        return args.data, args.labels, data_config
+    if data and labels:
+        return Path(data), Path(labels), data_config
     if data_config is None or not data_config.root:
-        raise SystemExit("the checkpoint's config names no data root: pass --data and --labels")
+        raise ValueError("the checkpoint's config names no data root: pass --data and --labels")
     root = Path(data_config.root)
-    labels = args.labels or Path(data_config.labels_csv or root / TRAIN_CSV)
-    return args.data or root / TRAIN_DIR, labels, data_config
+    labels = labels or Path(data_config.labels_csv or root / TRAIN_CSV)
+    return Path(data or root / TRAIN_DIR), Path(labels), data_config
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -137,36 +123,3 @@ def format_summary(summary: dict[str, float]) -> str:
         f"positive-only Dice {summary['dice_positive']:.4f}  AUC {summary['auc']:.4f}  "
         f"({summary['n_images']} images)"
     )
-
-
-# ---------------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    add_labelled_data_arguments(parser, "evaluate this fold of the training folds only (default: every image)")
-    parser.add_argument("--out", required=True, type=Path, help="per-image CSV to write")
-    parser.add_argument("--postprocess", type=Path, metavar="JSON", help="from `siim-jax tune` (default: 0.5)")
-    add_overlay_arguments(parser)
-    parser.add_argument("--sheet-size", type=int, default=8, metavar="N",
-                        help="with --overlays: best and worst N cases in contact_sheet.png (8)")
-
-
-def run(args: argparse.Namespace) -> int:
-    postprocess = PostProcess.from_json(args.postprocess) if args.postprocess else PostProcess()
-    inference = inference_from_args(args)
-    dicom_dir, labels, data_config = resolve_labelled_data(args, inference.config)
-    frame = labelled_frame(dicom_dir, labels, args.fold, data_config)
-    overlays = None
-    if args.overlays:
-        sample = overlay_sample(len(frame), args.overlay_count)
-        overlays = OverlayWriter(args.overlays, sample=sample, sheet_size=args.sheet_size)
-    table = evaluate_images(inference, frame, postprocess, overlays)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table[list(PER_IMAGE_COLUMNS)].to_csv(args.out, index=False)
-    print(format_summary(summarise(table)))
-    print(f"wrote {args.out}")
-    if overlays is not None:
-        sheet = overlays.finish()
-        print(f"wrote {len(overlays.written)} overlays" + (f" and {sheet}" if sheet else "") + f" in {args.overlays}")
-    return 0

@@ -7,50 +7,27 @@ Predicts the fold's images at the model's resolution, scores every setting of th
 `postprocess.default_grid`, or `--grid JSON`) by the mean challenge Dice against the label masks resized to
 that resolution (nearest, as the training pipeline does), prints the best settings and writes the best one.
 Its areas are written at the images' original resolution (1024² for the challenge), where `predict` applies it.
-With `--oof` it tunes on the out-of-fold predictions of `siim-jax cv` runs (see siim_jax.cv) without predicting;
-with several `--checkpoint`s or `--ensemble`, on the ensemble's predictions (see siim_jax.ensemble).
+With `--oof` it tunes on the out-of-fold predictions of `siim-jax cv` runs (siim_jax.evaluation.oof) without
+predicting; with several `--checkpoint`s or `--ensemble`, on the ensemble's predictions (siim_jax.inference.ensemble).
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import dataclasses
-import json
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
 from siim_jax.data.labels import merged_mask
-from siim_jax.evaluate import add_labelled_data_arguments, frame_items, labelled_frame, resolve_labelled_data
-from siim_jax.postprocess import PostProcess, default_grid, grid_search
-from siim_jax.predict import Inference, add_model_arguments, inference_from_args
+from siim_jax.evaluation.evaluate import frame_items
+from siim_jax.evaluation.oof import FoldPredictions
+from siim_jax.inference.postprocess import PostProcess, default_grid, grid_search
+from siim_jax.inference.predictor import Inference
 
 TABLE_COLUMNS = ("mode", "threshold", "top_threshold", "min_area", "bottom_threshold", "min_component_area",
                  "class_threshold")
 _MODE_FIELDS = {"threshold": {"threshold"}, "triplet": {"top_threshold", "min_area", "bottom_threshold"}}
-
-
-@dataclasses.dataclass
-class FoldPredictions:
-    """Probabilities (float16 to halve the memory), truths and class probabilities at the model's resolution."""
-
-    image_ids: list[str]
-    probs: list[np.ndarray]
-    truths: list[np.ndarray]
-    class_probs: list[float] | None
-    original_sizes: list[tuple[int, int]]
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return self.probs[0].shape
-
-    @property
-    def original_resolution(self) -> tuple[int, int]:
-        """The most common original size (all images are 1024² in the challenge)."""
-        return collections.Counter(self.original_sizes).most_common(1)[0][0]
 
 
 def predict_fold(inference: Inference, frame: pd.DataFrame) -> FoldPredictions:
@@ -115,48 +92,3 @@ def format_table(results: list[tuple[PostProcess, float]], top: int = 10) -> str
             for rank, (s, dice) in enumerate(results[:top], start=1)]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in [header, *rows])
-
-
-# ---------------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    add_labelled_data_arguments(parser, "validation fold to tune on (default: the training config's data.fold)")
-    parser.add_argument("--out", type=Path, default=Path("postprocess.json"), help="JSON to write (postprocess.json)")
-    parser.add_argument("--grid", type=Path, metavar="JSON",
-                        help="search grid: {field: [values]} or a list of them (default: postprocess.default_grid)")
-    parser.add_argument("--top", type=int, default=10, help="rows of the table printed (10)")
-    parser.add_argument("--oof", action="append", type=Path, metavar="CV_WORKDIR",
-                        help="tune on the out-of-fold predictions of a `siim-jax cv` run, all folds pooled, instead "
-                             "of predicting; repeated: on the mean of several runs' (an ensemble's)")
-
-
-def run(args: argparse.Namespace) -> int:
-    grid = json.loads(args.grid.read_text()) if args.grid else None
-    if args.oof:
-        from siim_jax.cv import pooled_oof
-
-        fold, source = pooled_oof(args.oof), "out of fold"
-    else:
-        fold, source = _predict_validation_fold(args)
-    results = tune(fold, grid)
-    height, width = fold.original_resolution
-    print(f"{source}: {len(fold.probs)} images at {fold.resolution[0]}x{fold.resolution[1]}, "
-          f"{len(results)} settings; areas in pixels at {height}x{width}")
-    print(format_table(results, args.top))
-    best, dice = results[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    best.to_json(args.out)
-    print(f"wrote the best setting (Dice {dice:.4f}) to {args.out}")
-    return 0
-
-
-def _predict_validation_fold(args: argparse.Namespace) -> tuple[FoldPredictions, str]:
-    inference = inference_from_args(args)
-    dicom_dir, labels, data_config = resolve_labelled_data(args, inference.config)
-    fold_index = args.fold if args.fold is not None else (int(data_config.fold) if data_config is not None else None)
-    if fold_index is None:
-        raise SystemExit("the checkpoint's config names no validation fold: pass --fold")
-    frame = labelled_frame(dicom_dir, labels, fold_index, data_config)
-    return predict_fold(inference, frame), f"fold {fold_index}"

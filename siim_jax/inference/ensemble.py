@@ -30,7 +30,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from siim_jax.predict import Inference, Item, Prediction, UnreadableImageWarning
+from siim_jax.inference.predictor import Inference, Item, Prediction, UnreadableImageWarning
 
 MEMBER_KEYS = ("path", "weight", "step", "best", "average_top", "image_size", "tta")
 
@@ -112,7 +112,7 @@ class Ensemble:
 
     members: Sequence[Member]
     batch_size: int = 8
-    workers: int = 0
+    workers: int | str = 0
     on_error: str = "empty"
     progress: bool = True
     dtype: str | None = None  # compute dtype of every member (None: each checkpoint's own)
@@ -126,7 +126,7 @@ class Ensemble:
     def config(self) -> ml_collections.ConfigDict:
         """The first member's config (read from its checkpoint, without loading its weights on the devices)."""
         if self._config is None:
-            from siim_jax.checkpoints import restore_config
+            from siim_jax.training.checkpoints import restore_config
 
             first = self.members[0]
             self._config = restore_config(first.path, step=first.step, best=first.best, average_top=first.average_top)
@@ -140,7 +140,7 @@ class Ensemble:
     def _image_size(self, member: Member) -> int:
         if member.image_size is not None:
             return member.image_size
-        from siim_jax.checkpoints import restore_config
+        from siim_jax.training.checkpoints import restore_config
 
         config = restore_config(member.path, step=member.step, best=member.best, average_top=member.average_top)
         if "data" not in config:
@@ -185,3 +185,34 @@ class Ensemble:
                 class_sum = class_sums.get(index)
                 class_prob = None if class_sum is None else class_sum[0] / class_sum[1]
                 yield Prediction(index, image_id, path, sums.mean(index, total_weight), class_prob, sums.sizes[index])
+
+
+def load_inference(
+    checkpoints: Sequence[str | Path] = (),
+    ensemble_file: str | Path | None = None,
+    *,
+    step: int | None = None,
+    best: bool = False,
+    average_top: int = 0,
+    image_size: int | None = None,
+    batch_size: int = 8,
+    tta: bool = True,
+    workers: int | str = 0,
+    on_error: str = "empty",
+    dtype: str | None = None,
+) -> Inference | Ensemble:
+    """One checkpoint's `Inference`, or an `Ensemble` of several checkpoints (each with these options) or of an
+    ensemble file's members; either offers `.predictions(items)`, `.batch_size` and `.config`."""
+    if bool(checkpoints) == (ensemble_file is not None):
+        raise ValueError("give checkpoints (one, or several for an ensemble) or an ensemble file, not both")
+    if len(checkpoints) == 1:
+        return Inference.from_checkpoint(
+            checkpoints[0], step=step, best=best, average_top=average_top, image_size=image_size,
+            batch_size=batch_size, tta=tta, workers=workers, on_error=on_error, dtype=dtype,
+        )
+    if ensemble_file is not None:
+        members = read_ensemble_file(ensemble_file)
+    else:
+        members = [Member(Path(path), step=step, best=best, average_top=average_top, image_size=image_size, tta=tta)
+                   for path in checkpoints]
+    return Ensemble(members, batch_size, workers, on_error, dtype=dtype)

@@ -5,14 +5,13 @@ module's tensors are renamed and transformed. Everything that fails to map is re
 
     siim-jax convert SRC DST --source {torchvision,timm,cadene,smp} --arch ARCH
 
-writes DST as a model checkpoint (`siim_jax.model_io`) that training starts from (`config.model.init_from`) and
+writes DST as a model checkpoint (`siim_jax.models.io`) that training starts from (`config.model.init_from`) and
 prediction loads. ARCH is an encoder (`resnet50`, `se_resnext50_32x4d`, ...) for ImageNet weights, or
 `unet_<encoder>` for a whole smp Unet trained in PyTorch.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import re
@@ -26,7 +25,6 @@ import numpy as np
 from flax import nnx
 
 from siim_jax.configs.defaults import default_model_config
-from siim_jax.model_io import save_model
 from siim_jax.models import ENCODERS, build_unfilled
 
 SOURCES = ("torchvision", "timm", "cadene", "smp")
@@ -310,19 +308,3 @@ def convert(src: str | Path | Mapping[str, Any], source: str = "smp", arch: str 
     (strides 2 to 32).
     """
     return convert_with_config(src, source, arch)[0]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="PyTorch checkpoint: .pth / .pt (read with weights_only=True) or .safetensors")
-    parser.add_argument("dst", help="output directory (a model checkpoint for config.model.init_from)")
-    parser.add_argument("--source", choices=SOURCES, required=True, help="who published the checkpoint")
-    parser.add_argument(
-        "--arch", required=True, help=f"an encoder ({', '.join(sorted(ENCODERS))}) or unet_<encoder> for smp Unets"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    model, model_config = convert_with_config(args.src, args.source, args.arch)
-    save_model(args.dst, model, model_config)
-    print(f"wrote {Path(args.dst).absolute()} ({model_config.encoder}{'' if model_config.encoder_only else ' UNet'})")
-    return 0

@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
-from siim_jax import config_utils, model_io
+from siim_jax import config_utils
 from siim_jax.models import build_unfilled
+from siim_jax.models import io as model_io
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "dice_gated"  # see metrics.MetricAccumulator.summarise

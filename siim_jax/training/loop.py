@@ -1,6 +1,4 @@
-"""Training: `siim-jax train --config NAME[:arg] --workdir DIR [--config.a.b=value ...]`.
-
-`--config` is a packaged recipe (siim_jax/configs/NAME.py) or a config file PATH.py[:arg]; see config_utils.
+"""Training: `train_and_evaluate(config, workdir)`, which `siim-jax train --config NAME[:arg] --workdir DIR` runs.
 
 One flat loop of jitted steps over a data-parallel mesh of every device, fed by one grain iterator of the whole run;
 validation Dice at the end of each epoch; checkpoints of the latest and the best steps in `DIR/checkpoints`; metrics
@@ -13,13 +11,11 @@ labels, unreadable files; see `data.strict`) are listed with the reason in `DIR/
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
 import logging
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -31,18 +27,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from siim_jax import config_utils, optim, overlays
-from siim_jax import sharding as sharding_lib
-from siim_jax.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
+from siim_jax import config_utils, pictures
 from siim_jax.data import pipeline
 from siim_jax.data.augment import model_input
-from siim_jax.data.dicom import DicomError
-from siim_jax.data.labels import LabelError
-from siim_jax.logging_utils import MetricWriter
-from siim_jax.losses import make_loss
 from siim_jax.metrics import MetricAccumulator
 from siim_jax.models import build_model, build_unfilled
-from siim_jax.train_state import EVAL_INPUTS, TRAIN_INPUTS, build_train_state, make_eval_step, make_train_step
+from siim_jax.training import optim
+from siim_jax.training import sharding as sharding_lib
+from siim_jax.training.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
+from siim_jax.training.logging import MetricWriter
+from siim_jax.training.losses import make_loss
+from siim_jax.training.state import EVAL_INPUTS, TRAIN_INPUTS, build_train_state, make_eval_step, make_train_step
 
 SKIPPED_FILE = "skipped.csv"  # images left out of training or validation, and why
 SHEET_IMAGES = 4  # validation images drawn in TensorBoard at each evaluation
@@ -221,10 +216,10 @@ def validation_sheet(sheet_step, state, config: ml_collections.ConfigDict, frame
     (batch,) = pipeline.eval_batches(config.data, frame.head(size), size, sharding=sharding_lib.batch_sharding(mesh))
     greys, predicted, true = jax.device_get(sheet_step(state.eval_params, state.batch_stats, batch))
     tiles = [
-        (overlays.render_overlay(grey, pred, truth), image_id[-12:])
+        (pictures.render_overlay(grey, pred, truth), image_id[-12:])
         for grey, pred, truth, image_id in zip(greys[:SHEET_IMAGES], predicted, true, frame["image_id"])
     ]
-    return overlays.contact_sheet([("validation: predicted red, true green", tiles)])
+    return pictures.contact_sheet([("validation: predicted red, true green", tiles)])
 
 
 def _prefixed(prefix: str, values: dict) -> dict[str, float]:
@@ -341,50 +336,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         progress.close()
     result.update(step=step, stopped_by=None if stop.received is None else signal.Signals(stop.received).name)
     return result
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Parsed by config_flags (config_utils.parse_args_with_config); declared here for --help.
-    parser.add_argument(
-        "--config", metavar="NAME[:ARG]",
-        help=f"a packaged recipe ({', '.join(config_utils.packaged_configs())}) or a config file PATH.py[:ARG]; "
-        "override its fields with --config.a.b=value",
-    )
-    parser.add_argument("--workdir", required=True, type=Path, help="checkpoints, metrics and curves go here")
-    parser.add_argument(
-        "--resume", action=argparse.BooleanOptionalAction, default=True,
-        help="continue from the workdir's latest checkpoint when it has one (default)",
-    )
-    parser.add_argument("--coordinator-address", help="multi-process runs: host:port of process 0")
-    parser.add_argument("--num-processes", type=int, help="multi-process runs: how many processes")
-    parser.add_argument("--process-id", type=int, help="multi-process runs: this process's index")
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    return config_utils.parse_args_with_config(parser, argv)
-
-
-def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sharding_lib.initialise_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    try:
-        result = train_and_evaluate(args.config, args.workdir, resume=args.resume)
-    except (NonFiniteLossError, OSError, LabelError, DicomError) as error:  # each names the step or file at fault
-        print(f"siim-jax train: {error}", file=sys.stderr)
-        return 1
-    log.info("finished: %s", result)
-    return 130 if result["stopped_by"] == "SIGINT" else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="siim-jax train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parse_args(parser, sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

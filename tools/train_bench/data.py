@@ -57,8 +57,8 @@ def bench_model_config(model: str):
 
 def write_model_dir(settings: Settings, model: str) -> Path:
     """A randomly initialised model directory, as `siim-jax convert` writes one, for `predict --checkpoint`."""
-    from siim_jax import model_io
-    from siim_jax.train import init_model
+    from siim_jax.models import io as model_io
+    from siim_jax.training.loop import init_model
 
     config = bench_model_config(model)
     path = model_dir(settings, model)

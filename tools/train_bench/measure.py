@@ -68,7 +68,7 @@ def pipeline_batch(settings: Settings, size: int, batch_size: int, sharding) -> 
     """One training batch as the input pipeline hands it to the step (so the pure step sees the same shapes and
     dtypes as the end-to-end run), on the mesh."""
     from siim_jax.data import pipeline
-    from siim_jax.train_state import TRAIN_INPUTS
+    from siim_jax.training.state import TRAIN_INPUTS
 
     config = bench_data_config(settings, size, workers=0)
     iterator = pipeline.train_iterator(config, pipeline.build_datasets(config).train, [0], batch_size,
@@ -107,13 +107,13 @@ def step_memory_bytes(compiled) -> int | None:
 def run_jax(job: Job, settings: Settings, report) -> dict:
     """The project's train step on a device-resident batch; then, with `job.e2e`, fed by the input pipeline."""
     import numpy as np
-
-    from siim_jax import optim
-    from siim_jax import sharding as sharding_lib
     from siim_jax.configs import defaults
-    from siim_jax.losses import make_loss
-    from siim_jax.train import init_model
-    from siim_jax.train_state import build_train_state, make_train_step
+
+    from siim_jax.training import optim
+    from siim_jax.training import sharding as sharding_lib
+    from siim_jax.training.loop import init_model
+    from siim_jax.training.losses import make_loss
+    from siim_jax.training.state import build_train_state, make_train_step
 
     mesh = sharding_lib.data_mesh()
     optim_config = defaults.default_optim_config()
@@ -168,9 +168,9 @@ def run_e2e(job: Job, settings: Settings, runner: StepRunner, mesh, pure_images_
     Timing starts once as many batches as the workers and the device prefetch can hold have been consumed, so
     that batches made while the workers started up do not count.
     """
-    from siim_jax import sharding as sharding_lib
     from siim_jax.data import pipeline
-    from siim_jax.train_state import TRAIN_INPUTS
+    from siim_jax.training import sharding as sharding_lib
+    from siim_jax.training.state import TRAIN_INPUTS
 
     config = bench_data_config(settings, job.size, settings.workers)
     frame = pipeline.build_datasets(config).train

@@ -23,7 +23,7 @@ from train_bench.plan import STAGE2_IMAGES, Job, Settings
 
 def timed_submission(inference, items, out: Path) -> float:
     """Seconds for `predict_submission` of `items` into `out`, checked to hold one row per item."""
-    from siim_jax.predict import predict_submission
+    from siim_jax.inference.submission import predict_submission
 
     start = time.perf_counter()
     predict_submission(inference, items, out)
@@ -42,7 +42,8 @@ def run_predict(job: Job, settings: Settings, report) -> dict:
     if not (checkpoint / "model_config.json").is_file():  # written last by model_io.save_model
         raise FileNotFoundError(f"{checkpoint}: no model directory (the data part writes it, and did not finish)")
     start = time.perf_counter()
-    from siim_jax.predict import Inference, submission_items
+    from siim_jax.inference.predictor import Inference
+    from siim_jax.inference.submission import submission_items
 
     imported = time.perf_counter()
     inference = Inference.from_checkpoint(checkpoint, image_size=job.size, batch_size=job.batch,

@@ -29,7 +29,7 @@ images can be made in any order or in parallel, and one seed gives byte-identica
 
 Modules, in the order they build on each other: ``patients`` (UIDs, header fields, labels), ``anatomy`` (the body
 as smooth fields), ``drawing`` (bones and lung markings), ``pneumothorax``, ``rendering`` (one radiograph and its
-mask), ``cases``, ``writing`` (the dataset on disk) and ``cli``.
+mask), ``cases`` and ``writing`` (the dataset on disk); ``siim-jax synth`` is siim_jax.commands.synth.
 """
 
 from siim_jax.data.synthetic.cases import SyntheticCase, synthesize_case

@@ -1,4 +1,4 @@
-"""``siim-jax synth OUT``: writes a synthetic dataset in the challenge's layout."""
+"""`siim-jax synth OUT`: writes a synthetic dataset in the challenge's layout (siim_jax.data.synthetic)."""
 
 from __future__ import annotations
 
