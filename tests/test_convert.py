@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 from siim_jax.configs.defaults import default_model_config
 
+from siim_jax.commands import convert as convert_command
 from siim_jax.models import build_model, build_unfilled
-from siim_jax.models import convert as convert_module
 from siim_jax.models.convert import ConversionError, convert, convert_with_config
 from siim_jax.models.io import load_model, save_model
 from siim_jax.training.checkpoints import load_initial_weights
@@ -116,11 +116,11 @@ def test_files_pth_wrapped_and_safetensors(unet_state, tmp_path):
 def test_cli_writes_a_checkpoint_that_loads(unet_state, tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in unet_state.items()}, tmp_path / "unet.pth")
     parser = argparse.ArgumentParser()
-    convert_module.add_arguments(parser)
+    convert_command.add_arguments(parser)
     args = parser.parse_args(
         [str(tmp_path / "unet.pth"), str(tmp_path / "out"), "--source", "smp", "--arch", "unet_resnet18"]
     )
-    assert convert_module.run(args) == 0
+    assert convert_command.run(args) == 0
     model, config = load_model(tmp_path / "out")
     assert (config.encoder, config.cls_head) == ("resnet18", True)
     expected = convert(unet_state, source="smp", arch="unet_resnet18")(jnp.asarray(X), train=False)

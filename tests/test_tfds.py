@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from siim_jax.commands import prepare
 from siim_jax.data import pipeline, tfds_siim
 from siim_jax.data.decode import decode_example
 from siim_jax.data.labels import build_index
@@ -27,9 +28,9 @@ def corrupt_tree(synthetic_tree, tmp_path_factory):
 def prepared(corrupt_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     parser = argparse.ArgumentParser()
-    tfds_siim.add_arguments(parser)
+    prepare.add_arguments(parser)
     args = parser.parse_args([str(corrupt_tree[0]), "--size", str(IMAGE_SIZE), "--out", str(out)])
-    assert tfds_siim.run(args) == 0
+    assert prepare.run(args) == 0
     return out
 
 
