@@ -139,3 +139,21 @@ def test_synthetic_dataset_round_trips_through_the_index(tmp_path):
         assert row["positive"] == bool(case.mask.any()) and row["area"] == case.mask.sum()
     test_index = labels.build_index(summary.out_dir / "dicom-images-test")
     assert sorted(test_index.frame["image_id"]) == sorted(summary.test_ids)
+
+
+def test_runs_are_checked_against_each_images_own_rows_and_columns(tmp_path):
+    # A run past pixel 1024² fits a 1100x1000 radiograph; a run past 32x48 does not fit that small one.
+    big, small = ("1.7.1", (1100, 1000)), ("1.7.2", (32, 48))
+    root = tmp_path / "tree"
+    for image_id, shape in (big, small):
+        (root / image_id).mkdir(parents=True)
+        ds = factory.dataset(np.zeros(shape, np.uint8), SOPInstanceUID=image_id)
+        factory.save(ds, root / image_id / f"{image_id}.dcm")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"ImageId,EncodedPixels\n{big[0]},1050000 100\n{small[0]},1530 10\n")
+    index = labels.build_index(root, csv, n_folds=2, strict=False)
+    assert list(index.frame["image_id"]) == [big[0]] and list(index.frame["area"]) == [100]
+    (skipped,) = index.skipped.itertuples()
+    assert skipped.image_id == small[0] and "past the 32x48 image" in skipped.reason
+    with pytest.raises(labels.LabelError, match=f"past the 32x48 image \\(ImageId {small[0]}\\)"):
+        labels.build_index(root, csv, n_folds=2)
