@@ -1,7 +1,8 @@
 """Pictures of predictions: contours drawn on the radiograph, and a contact sheet of the best and worst cases.
 
 Predicted contours are red, true contours green. Images are RGB uint8 arrays; files are PNG. ImageIds become
-file names through `safe_file_name`, which can never leave the output folder.
+file names through `safe_file_name` (`unique_file_name` when names may repeat), which can never leave the output
+folder.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def safe_file_name(image_id: str, suffix: str = ".png") -> str:
     name = _UNSAFE.sub("_", str(image_id))
     name = re.sub(r"\.{2,}", "_", name).lstrip(".")[:_MAX_NAME]
     return (name or "_") + suffix
+
+
+def unique_file_name(image_id: str, taken: set[str], suffix: str = ".png") -> str:
+    """`safe_file_name(image_id, suffix)`, numbered -2, -3, ... while the name is in `taken`; the name joins `taken`."""
+    name = safe_file_name(image_id, suffix)
+    stem, count = name[: -len(suffix)], 1
+    while name in taken:
+        count += 1
+        name = f"{stem}-{count}{suffix}"
+    taken.add(name)
+    return name
 
 
 def _scaled_size(shape: tuple[int, int], size: int) -> tuple[int, int]:
@@ -112,18 +124,9 @@ class OverlayWriter:
     def selected(self, index: int) -> bool:
         return self.sample is None or index in self.sample
 
-    def _unique_name(self, image_id: str) -> str:
-        name = safe_file_name(image_id)
-        stem, count = name[: -len(".png")], 1
-        while name in self._names:
-            count += 1
-            name = f"{stem}-{count}.png"
-        self._names.add(name)
-        return name
-
     def add(self, index: int, image_id: str, grey, pred_mask, true_mask=None, dice: float | None = None) -> None:
         if self.selected(index):
-            path = self.out_dir / self._unique_name(image_id)
+            path = self.out_dir / unique_file_name(image_id, self._names)
             write_png(path, render_overlay(grey, pred_mask, true_mask, self.size))
             self.written.append(path)
         if dice is not None and self.sheet_size > 0 and (np.any(pred_mask) or np.any(true_mask)):

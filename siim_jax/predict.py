@@ -11,7 +11,8 @@ devices as uint8 and normalised by one jitted function sharded along the batch o
 horizontal-flip TTA. The stages overlap: the pipeline's workers decode the next batches, two batches are on the
 devices at a time, and a pool of threads resizes the probabilities back to each image's original size
 (bilinear, in float), post-processes them and encodes them in the challenge's relative RLE.
-The submission has exactly one row per image, `-1` for empty ones, and appears atomically, synced to disk. A
+The submission has exactly one row per image, `-1` for empty ones, and appears atomically, synced to disk;
+`--dicom-seg DIR` also writes a DICOM Segmentation of each non-empty final mask (see `inference.dicom_seg`). A
 missing or unreadable DICOM becomes a `-1` row and a warning naming it (`--on-error empty`, the default) or stops
 the run (`--on-error fail`).
 
@@ -34,6 +35,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import jax
@@ -52,6 +54,9 @@ from siim_jax.data.labels import ENCODED_PIXELS, IMAGE_ID, find_dicoms, read_ima
 from siim_jax.models import build_unfilled
 from siim_jax.overlays import OverlayWriter
 from siim_jax.postprocess import PostProcess
+
+if TYPE_CHECKING:  # dicom_seg imports this module
+    from siim_jax.inference.dicom_seg import DicomSegWriter
 
 ON_ERROR = ("empty", "fail")
 DTYPES = ("float32", "bfloat16")
@@ -323,26 +328,33 @@ def write_submission(path, rows: Sequence[tuple[str, str]], expected_ids: Sequen
                 f"submission does not match the sample submission: {len(ids)} rows for {len(expected)} ids, "
                 f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
             )
+    with durable_file(path) as temporary, open(temporary, "x", newline="") as file:
+        file.write(f"{IMAGE_ID},{ENCODED_PIXELS}\n")
+        file.writelines(f"{image_id},{encoded}\n" for image_id, encoded in rows)
+
+
+@contextlib.contextmanager
+def durable_file(path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the new file into; when the block ends without an error, the file is
+    synced, renamed to `path` and the rename synced, so that a crash or power cut leaves the previous file or the
+    whole new one. On an error the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "x", newline="") as file:
-            file.write(f"{IMAGE_ID},{ENCODED_PIXELS}\n")
-            file.writelines(f"{image_id},{encoded}\n" for image_id, encoded in rows)
-            file.flush()
-            os.fsync(file.fileno())
-        _sync_folder(path.parent)
+        yield temporary
+        _sync(temporary)  # the file's data before the rename, the folder's entries before and after it
+        _sync(path.parent)
         os.replace(temporary, path)
-        _sync_folder(path.parent)
+        _sync(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
 
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so that the names created or renamed in it are on disk."""
-    descriptor = os.open(folder, os.O_RDONLY)
+def _sync(path: Path) -> None:
+    """fsync a closed file (its data) or a folder (the names created or renamed in it)."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
@@ -408,10 +420,12 @@ def predict_submission(
     postprocess: PostProcess = PostProcess(),
     expected_ids: Sequence[str] | None = None,
     overlays: OverlayWriter | None = None,
+    dicom_seg: DicomSegWriter | None = None,
 ) -> PredictSummary:
     """Predicts every item (see `submission_items`) with an `Inference` or an `ensemble.Ensemble`, writes the
-    submission to `out` and, given an `OverlayWriter`, the overlays of its selected images. Post-processing and
-    RLE encoding run on POSTPROCESS_THREADS threads while the next predictions arrive."""
+    submission to `out`, given an `OverlayWriter` the overlays of its selected images and, given an
+    `inference.dicom_seg.DicomSegWriter`, the DICOM Segmentations of the final masks of its readable images.
+    Post-processing and RLE encoding run on POSTPROCESS_THREADS threads while the next predictions arrive."""
     start = time.perf_counter()
     first_batch = min(inference.batch_size, len(items))
     first_batch_s = 0.0
@@ -423,6 +437,8 @@ def predict_submission(
             unreadable.append(prediction.image_id)
         elif overlays is not None and overlays.selected(prediction.index):
             overlays.add(prediction.index, prediction.image_id, prediction.pixels(), mask)
+        if mask is not None and dicom_seg is not None:
+            dicom_seg.add(prediction.path, mask)
 
     with concurrent.futures.ThreadPoolExecutor(POSTPROCESS_THREADS) as pool:
         pending = collections.deque()  # in order; bounded to a batch beyond what the threads are working on
@@ -534,6 +550,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postprocess", type=Path, metavar="JSON",
                         help="post-processing from `siim-jax tune` (default: threshold 0.5)")
     add_overlay_arguments(parser)
+    parser.add_argument("--dicom-seg", type=Path, metavar="DIR",
+                        help="write a DICOM Segmentation of each non-empty final mask into DIR")
+    parser.add_argument("--dicom-seg-empty", action="store_true",
+                        help="with --dicom-seg: write one for each empty mask as well")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -543,8 +563,18 @@ def run(args: argparse.Namespace) -> int:
     overlays = None
     if args.overlays:
         overlays = OverlayWriter(args.overlays, sample=overlay_sample(len(items), args.overlay_count))
+    dicom_seg = None
+    if args.dicom_seg_empty and not args.dicom_seg:
+        raise SystemExit("--dicom-seg-empty needs --dicom-seg DIR")
+    if args.dicom_seg:
+        from siim_jax.inference.dicom_seg import DicomSegWriter  # highdicom only when it is asked for
+
+        dicom_seg = DicomSegWriter(args.dicom_seg, empty=args.dicom_seg_empty)
     expected = [image_id for image_id, _ in items] if args.sample_submission else None
-    summary = predict_submission(inference, items, args.out, postprocess, expected, overlays)
+    summary = predict_submission(inference, items, args.out, postprocess, expected, overlays, dicom_seg)
     print(summary.report())
     print(f"wrote {args.out}" + (f" and {len(overlays.written)} overlays in {args.overlays}" if overlays else ""))
+    if dicom_seg is not None:
+        failed = f"; {len(dicom_seg.failed)} sources got none (see the warnings)" if dicom_seg.failed else ""
+        print(f"wrote {len(dicom_seg.written)} DICOM Segmentations in {args.dicom_seg}{failed}")
     return 0
