@@ -557,6 +557,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dicom_seg_empty and not args.dicom_seg:
+        raise SystemExit("--dicom-seg-empty needs --dicom-seg DIR")
     postprocess = PostProcess.from_json(args.postprocess) if args.postprocess else PostProcess()
     items = submission_items(args.data, args.sample_submission)
     inference = inference_from_args(args)
@@ -564,8 +566,6 @@ def run(args: argparse.Namespace) -> int:
     if args.overlays:
         overlays = OverlayWriter(args.overlays, sample=overlay_sample(len(items), args.overlay_count))
     dicom_seg = None
-    if args.dicom_seg_empty and not args.dicom_seg:
-        raise SystemExit("--dicom-seg-empty needs --dicom-seg DIR")
     if args.dicom_seg:
         from siim_jax.inference.dicom_seg import DicomSegWriter  # highdicom only when it is asked for
 

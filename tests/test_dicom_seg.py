@@ -5,6 +5,7 @@ file names that stay in the folder; files that appear whole."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import shutil
@@ -16,6 +17,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+from siim_jax import predict
 from siim_jax.data import rle
 from siim_jax.inference import dicom_seg
 from siim_jax.inference.dicom_seg import DicomSegWarning, DicomSegWriter
@@ -177,3 +179,12 @@ def test_highdicom_takes_the_code_the_issue_names():
     description = dicom_seg.segment_description()
     assert (description.SegmentedPropertyTypeCodeSequence[0].CodeValue,
             description.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator) == PNEUMOTHORAX
+
+
+def test_dicom_seg_empty_alone_is_refused_before_a_model_loads(tmp_path):
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tmp_path / "no-such-run"), "--data", str(tmp_path),
+                              "--out", str(tmp_path / "submission.csv"), "--dicom-seg-empty"])
+    with pytest.raises(SystemExit, match="--dicom-seg-empty needs --dicom-seg DIR"):
+        predict.run(args)
