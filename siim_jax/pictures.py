@@ -1,8 +1,8 @@
 """Pictures of masks: contours drawn on the radiograph, contact sheets of captioned tiles, PNG files.
 
 Predicted contours are red, true contours green. Images are RGB uint8 arrays; files are PNG. ImageIds become
-file names through `safe_file_name`, which can never leave the output folder. Training draws its validation sheet
-with these, and `inference.overlays` its per-image overlays.
+file names through `safe_file_name` (`unique_file_name` when names may repeat), which can never leave the output
+folder. Training draws its validation sheet with these, and `inference.overlays` its per-image overlays.
 """
 
 from __future__ import annotations
@@ -25,6 +25,17 @@ def safe_file_name(image_id: str, suffix: str = ".png") -> str:
     name = _UNSAFE.sub("_", str(image_id))
     name = re.sub(r"\.{2,}", "_", name).lstrip(".")[:_MAX_NAME]
     return (name or "_") + suffix
+
+
+def unique_file_name(image_id: str, taken: set[str], suffix: str = ".png") -> str:
+    """`safe_file_name(image_id, suffix)`, numbered -2, -3, ... while the name is in `taken`; the name joins `taken`."""
+    name = safe_file_name(image_id, suffix)
+    stem, count = name[: -len(suffix)], 1
+    while name in taken:
+        count += 1
+        name = f"{stem}-{count}{suffix}"
+    taken.add(name)
+    return name
 
 
 def _scaled_size(shape: tuple[int, int], size: int) -> tuple[int, int]:

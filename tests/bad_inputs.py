@@ -304,7 +304,8 @@ LABEL_CASES = [
     LabelCase("negative-value", _with_bad_rle("10 -5"), "negative RLE value -5", row_level=True),
     LabelCase("non-numeric-value", _with_bad_rle("10 five"), "non-numeric RLE value 'five'", row_level=True),
     LabelCase("float-value", _with_bad_rle("10.5 5"), "non-numeric RLE value '10.5'", row_level=True),
-    LabelCase("run-beyond-the-image", _with_bad_rle(f"{1024 * 1024 - 10} 20"), "past the image", row_level=True),
+    # inside a 1024² image, past the tree's 32x48 ones: runs are checked against each image's own size
+    LabelCase("run-beyond-the-image", _with_bad_rle(f"{32 * 48 - 10} 20"), "past the 32x48 image", row_level=True),
     LabelCase("empty-image-id", label_file(((" ", "-1"), *LABEL_ROWS)), "empty ImageId on line 2"),
     LabelCase("wrong-columns", label_file(header="id,rle"), "expected the columns ImageId, EncodedPixels"),
     LabelCase("three-columns", label_file(header="ImageId,EncodedPixels,Extra", separator=",-1,"),
@@ -352,10 +353,10 @@ TREE_CASES = [
 
 
 def write_tree(root: Path, files, pixels: np.ndarray | None = None) -> Path:
-    """A DICOM tree under root: one small file per (ImageId, sub-folder)."""
+    """A DICOM tree under root: one small file per (ImageId, sub-folder), 32x48 unless `pixels` are given."""
     for image_id, folder in files:
         (root / folder).mkdir(parents=True, exist_ok=True)
-        ds = factory.dataset(ramp(32, 32) if pixels is None else pixels, SOPInstanceUID=image_id)
+        ds = factory.dataset(ramp(32, 48) if pixels is None else pixels, SOPInstanceUID=image_id)
         factory.save(ds, root / folder / f"{image_id}.dcm")
     return root
 

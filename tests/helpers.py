@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 from PIL import Image
+from pydicom.uid import generate_uid
 from siim_jax.configs.defaults import default_data_config
 
 from siim_jax.models import SegOutput
+from tests import dicom_factory
 from tests.multihost_worker import GRADIENT_ACCUMS
 
 # The session's `synthetic_tree` (conftest.py): its size, and the image size the pipeline tests train at.
@@ -120,3 +122,25 @@ def assert_gradients_match(results: dict, devices: int, references: dict) -> Non
         assert expected, f"no reference for {accum} micro-batches"
         error = gradient_error(entries(results, f"mesh{devices}/accum{accum}/gradient"), expected)
         assert error <= 1, f"{devices} devices, {accum} micro-batches: gradient off by {error:.3g} times its bound"
+
+
+def top_left_lesion(shape: tuple[int, int]) -> np.ndarray:
+    """A bool mask of `shape` (rows, columns) holding a rectangle in the top-left corner: the top quarter of the rows
+    and the left third of the columns, so that a transposed or (width, height)-swapped copy lies elsewhere."""
+    mask = np.zeros(shape, bool)
+    mask[: shape[0] // 4, : shape[1] // 3] = True
+    return mask
+
+
+def write_lesion_dicom(path: Path, shape: tuple[int, int], photometric: str = "MONOCHROME2", **elements) -> Path:
+    """A DICOM of `shape` that displays black with the `top_left_lesion` white (MONOCHROME1 stores it inverted),
+    with the patient and study attributes a DICOM Segmentation references; its SOPInstanceUID is the file's stem
+    unless given."""
+    shown = np.where(top_left_lesion(shape), 255, 0).astype(np.uint8)
+    stored = 255 - shown if photometric == "MONOCHROME1" else shown
+    elements = {"SOPInstanceUID": path.stem, "StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+                "PatientName": "Test^Patient", "StudyDate": "20240101", "StudyTime": "120000", "StudyID": "1",
+                "AccessionNumber": "A1", "PatientBirthDate": "", **elements}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dicom_factory.save(dicom_factory.dataset(stored, photometric, **elements), path)
+    return path

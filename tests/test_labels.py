@@ -59,12 +59,15 @@ def test_sample_submissions(siim_real):
 # corpus in tests/bad_inputs.py, which test_reliability_inputs.py checks through build_index.
 
 
+TREE_SHAPE = (64, 96)  # (Rows, Columns) of the files `_tree` writes
+
+
 def _tree(tmp_path, ids_and_patients):
     root = tmp_path / "dicom-images-train"
     for image_id, patient in ids_and_patients:
         folder = root / f"study-{image_id}" / "series"
         folder.mkdir(parents=True)
-        ds = factory.dataset(np.zeros((8, 8), np.uint8), SOPInstanceUID=image_id, PatientID=patient)
+        ds = factory.dataset(np.zeros(TREE_SHAPE, np.uint8), SOPInstanceUID=image_id, PatientID=patient)
         factory.save(ds, folder / f"{image_id}.dcm")
     return root
 
@@ -72,10 +75,10 @@ def _tree(tmp_path, ids_and_patients):
 def test_index_joins_tree_and_labels_and_reports_mismatches(tmp_path):
     ids = [(f"1.2.3.{i}", f"p{i // 2}") for i in range(12)]
     root = _tree(tmp_path, ids)
-    mask = np.zeros((1024, 1024), bool)
-    mask[100:120, 200:260] = True
+    mask = np.zeros(TREE_SHAPE, bool)
+    mask[10:20, 20:60] = True
     first, second = mask.copy(), mask.copy()
-    second[110:140, 250:300] = True
+    second[15:30, 50:80] = True
     rows = [("1.2.3.0", rle.encode(first)), ("1.2.3.0", rle.encode(second)), ("1.2.3.1", "-1")]
     rows += [(f"1.2.3.{i}", rle.encode(mask) if i % 3 == 0 else "-1") for i in range(2, 11)]
     rows += [("9.9.9", "-1")]
@@ -86,7 +89,7 @@ def test_index_joins_tree_and_labels_and_reports_mismatches(tmp_path):
     assert len(frame) == 11
     assert index.images_without_labels == ["1.2.3.11"]
     assert index.labels_without_images == ["9.9.9"]
-    merged = labels.merged_mask(frame.loc["1.2.3.0"].to_dict() | {"image_id": "1.2.3.0"})
+    merged = labels.merged_mask(frame.loc["1.2.3.0"].to_dict() | {"image_id": "1.2.3.0"}, TREE_SHAPE)
     np.testing.assert_array_equal(merged, first | second)
     assert frame.loc["1.2.3.0", "area"] == (first | second).sum()
     assert frame.loc["1.2.3.0", "path"].endswith("1.2.3.0.dcm")
@@ -136,3 +139,21 @@ def test_synthetic_dataset_round_trips_through_the_index(tmp_path):
         assert row["positive"] == bool(case.mask.any()) and row["area"] == case.mask.sum()
     test_index = labels.build_index(summary.out_dir / "dicom-images-test")
     assert sorted(test_index.frame["image_id"]) == sorted(summary.test_ids)
+
+
+def test_runs_are_checked_against_each_images_own_rows_and_columns(tmp_path):
+    # A run past pixel 1024² fits a 1100x1000 radiograph; a run past 32x48 does not fit that small one.
+    big, small = ("1.7.1", (1100, 1000)), ("1.7.2", (32, 48))
+    root = tmp_path / "tree"
+    for image_id, shape in (big, small):
+        (root / image_id).mkdir(parents=True)
+        ds = factory.dataset(np.zeros(shape, np.uint8), SOPInstanceUID=image_id)
+        factory.save(ds, root / image_id / f"{image_id}.dcm")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"ImageId,EncodedPixels\n{big[0]},1050000 100\n{small[0]},1530 10\n")
+    index = labels.build_index(root, csv, n_folds=2, strict=False)
+    assert list(index.frame["image_id"]) == [big[0]] and list(index.frame["area"]) == [100]
+    (skipped,) = index.skipped.itertuples()
+    assert skipped.image_id == small[0] and "past the 32x48 image" in skipped.reason
+    with pytest.raises(labels.LabelError, match=f"past the 32x48 image \\(ImageId {small[0]}\\)"):
+        labels.build_index(root, csv, n_folds=2)

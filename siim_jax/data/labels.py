@@ -8,8 +8,9 @@ BOM and CRLF line ends are fine. An image may have several rows; its masks are O
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -53,13 +54,17 @@ def read_image_ids(path) -> list[str]:
     return list(dict.fromkeys(read_labels(path)[IMAGE_ID]))
 
 
-def _run_union_area(rles: Iterable[str], image_id: str, size: int) -> int:
-    """Pixels covered by the OR of several relative-RLE rows, computed on the runs without painting a mask."""
+def _run_union_area(rles: Iterable[str], image_id: str, image_size: tuple[int, int] | None) -> int:
+    """Pixels covered by the OR of several relative-RLE rows, computed on the runs without painting a mask; with
+    `image_size` (height, width), a run past that image raises `rle.RLEError`."""
     intervals = []
     for text in rles:
         starts, ends = rle.relative_runs(text, image_id)
-        if ends.size and ends[-1] > size:
-            raise rle.RLEError(f"RLE run ends at pixel {int(ends[-1])}, past the image (ImageId {image_id})")
+        if image_size is not None and ends.size and ends[-1] > image_size[0] * image_size[1]:
+            height, width = image_size
+            raise rle.RLEError(
+                f"RLE run ends at pixel {int(ends[-1])}, past the {height}x{width} image (ImageId {image_id})"
+            )
         intervals.append(np.stack([starts, ends], axis=1))
     runs = np.concatenate(intervals) if intervals else np.zeros((0, 2), np.int64)
     runs = runs[np.argsort(runs[:, 0], kind="stable")]
@@ -71,17 +76,20 @@ def _run_union_area(rles: Iterable[str], image_id: str, size: int) -> int:
 
 
 def per_image(
-    labels: pd.DataFrame, image_size: tuple[int, int] = (1024, 1024), rejected: list | None = None
+    labels: pd.DataFrame,
+    image_size: tuple[int, int] | Mapping[str, tuple[int, int]] = (1024, 1024),
+    rejected: list | None = None,
 ) -> pd.DataFrame:
     """One row per image: its positive RLE rows (tuple), positive flag and merged mask area in pixels.
 
-    A malformed RLE raises `rle.RLEError`, or, given a `rejected` list, leaves its image out and appends
-    (ImageId, reason) to that list.
+    `image_size` is the (height, width) of every image, or a mapping from ImageId to each image's own size (an
+    image it leaves out is not checked against any size). A malformed RLE, or a run past its image, raises
+    `rle.RLEError`, or, given a `rejected` list, leaves its image out and appends (ImageId, reason) to that list.
     """
-    size = image_size[0] * image_size[1]
     rows = []
     for image_id, group in labels.groupby(IMAGE_ID, sort=False):
         positives = tuple(text for text in group[ENCODED_PIXELS] if text != rle.EMPTY)
+        size = image_size.get(image_id) if isinstance(image_size, Mapping) else image_size
         try:
             area = _run_union_area(positives, image_id, size)
         except rle.RLEError as exc:
@@ -107,13 +115,18 @@ def find_dicoms(root) -> dict[str, str]:
     return found
 
 
-def _check_header(path: str) -> tuple[str | None, str | None]:
-    """(PatientID or None, None) for a file whose header is usable, else (None, why it cannot be decoded)."""
+class _Header(NamedTuple):
+    patient_id: str | None
+    problem: str | None  # why the file cannot be decoded; None when its header is usable
+    size: tuple[int, int] | None  # (Rows, Columns) of a usable header
+
+
+def _check_header(path: str) -> _Header:
     try:
         ds = read_header(path)
     except DicomError as exc:
-        return None, exc.reason
-    return str(ds.get("PatientID", "")).strip() or None, None
+        return _Header(None, exc.reason, None)
+    return _Header(str(ds.get("PatientID", "")).strip() or None, None, (int(ds.Rows), int(ds.Columns)))
 
 
 def assign_folds(positive: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -167,7 +180,6 @@ def build_index(
     n_folds: int = 5,
     seed: int = 0,
     group_by_patient: bool = True,
-    image_size: tuple[int, int] = (1024, 1024),
     strict: bool = True,
 ) -> Index:
     """Joins a DICOM tree with a label file: per image its file, RLE rows, positive flag, area and fold.
@@ -175,33 +187,38 @@ def build_index(
     Without labels (a test set) every image is listed with no RLE and fold -1. Images without labels and
     labels without images are reported on the returned `Index`, not silently dropped.
 
-    With labels, each labelled image's rows and DICOM header are checked (`dicom.read_header`): a malformed RLE
-    raises `LabelError` naming the label file, the ImageId and the reason, an unusable file `DicomError` naming
-    it; with `strict=False` such images are left out of the folds and listed in `Index.skipped` instead.
+    With labels, each labelled image's DICOM header is checked (`dicom.read_header`) and its rows are checked
+    against its own Rows x Columns: a malformed RLE or a run past the image raises `LabelError` naming the label
+    file, the ImageId and the reason, an unusable file `DicomError` naming it; with `strict=False` such images are
+    left out of the folds and listed in `Index.skipped` instead.
     """
     files = find_dicoms(dicom_dir)
     frame = pd.DataFrame({"image_id": list(files), "path": list(files.values())})
     if labels_csv is None:
         frame = frame.assign(rles=[()] * len(frame), positive=False, area=0, fold=-1)
         return Index(frame, images_without_labels=[], labels_without_images=[])
+    label_rows = read_labels(labels_csv)
+    with_files = [image_id for image_id in dict.fromkeys(label_rows[IMAGE_ID]) if image_id in files]
+    paths = tqdm(with_files, desc="reading DICOM headers", leave=False, disable=len(with_files) < 1000)
+    headers = {image_id: _check_header(files[image_id]) for image_id in paths}
     rejected = None if strict else []
     try:
-        labelled = per_image(read_labels(labels_csv), image_size, rejected)
+        sizes = {image_id: header.size for image_id, header in headers.items() if header.size is not None}
+        labelled = per_image(label_rows, sizes, rejected)
     except rle.RLEError as exc:
         raise LabelError(f"{labels_csv}: {exc}") from None
     skipped = [(image_id, str(labels_csv), reason) for image_id, reason in rejected or ()]
     merged = frame.merge(labelled, on="image_id", how="inner")
     images_without_labels = sorted(set(files) - set(labelled["image_id"]) - {image_id for image_id, *_ in skipped})
     labels_without_images = sorted(set(labelled["image_id"]) - set(files))
-    paths = tqdm(merged["path"], desc="reading DICOM headers", leave=False, disable=len(merged) < 1000)
-    patients, problems = zip(*[_check_header(path) for path in paths]) if len(merged) else ((), ())
+    problems = [headers[image_id].problem for image_id in merged["image_id"]]
     unreadable = np.array([problem is not None for problem in problems], bool)
     if strict and unreadable.any():
         first = int(np.flatnonzero(unreadable)[0])
         raise DicomError(merged["path"].iloc[first], problems[first])
     skipped += [(row.image_id, row.path, problem) for row, problem in zip(merged.itertuples(), problems) if problem]
     if group_by_patient:
-        merged["patient_id"] = [p or image_id for p, image_id in zip(patients, merged["image_id"])]
+        merged["patient_id"] = [headers[image_id].patient_id or image_id for image_id in merged["image_id"]]
     else:
         merged["patient_id"] = merged["image_id"]
     merged = merged[~unreadable].reset_index(drop=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siim_jax.pictures import OVERLAY_SIZE, TILE_SIZE, contact_sheet, render_overlay, safe_file_name, write_png
+from siim_jax.pictures import OVERLAY_SIZE, TILE_SIZE, contact_sheet, render_overlay, unique_file_name, write_png
 
 SHEET_NAME = "contact_sheet.png"
 
@@ -41,18 +41,9 @@ class OverlayWriter:
     def selected(self, index: int) -> bool:
         return self.sample is None or index in self.sample
 
-    def _unique_name(self, image_id: str) -> str:
-        name = safe_file_name(image_id)
-        stem, count = name[: -len(".png")], 1
-        while name in self._names:
-            count += 1
-            name = f"{stem}-{count}.png"
-        self._names.add(name)
-        return name
-
     def add(self, index: int, image_id: str, grey, pred_mask, true_mask=None, dice: float | None = None) -> None:
         if self.selected(index):
-            path = self.out_dir / self._unique_name(image_id)
+            path = self.out_dir / unique_file_name(image_id, self._names)
             write_png(path, render_overlay(grey, pred_mask, true_mask, self.size))
             self.written.append(path)
         if dice is not None and self.sheet_size > 0 and (np.any(pred_mask) or np.any(true_mask)):

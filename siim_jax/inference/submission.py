@@ -4,7 +4,8 @@
 
 A pool of threads resizes the probabilities back to each image's original size (bilinear, in float),
 post-processes them and encodes them in the challenge's relative RLE while the next predictions arrive. The
-submission has exactly one row per image, `-1` for empty or unreadable ones, and appears atomically, synced to disk.
+submission has exactly one row per image, `-1` for empty or unreadable ones, and appears atomically, synced to disk;
+with a `dicom_seg.DicomSegWriter`, each non-empty final mask also becomes a DICOM Segmentation object.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from siim_jax.data import rle
 from siim_jax.data.labels import ENCODED_PIXELS, IMAGE_ID, find_dicoms, read_image_ids
+from siim_jax.files import durable_file
 from siim_jax.inference.overlays import OverlayWriter
 from siim_jax.inference.postprocess import PostProcess
 from siim_jax.inference.predictor import Item, Prediction
+
+if TYPE_CHECKING:  # highdicom loads only when DICOM SEG is asked for
+    from siim_jax.inference.dicom_seg import DicomSegWriter
 
 POSTPROCESS_THREADS = max(1, min(len(os.sched_getaffinity(0)), 4))  # resize, post-process and RLE, beside decoding
 
@@ -55,30 +60,9 @@ def write_submission(path, rows: Sequence[tuple[str, str]], expected_ids: Sequen
                 f"submission does not match the sample submission: {len(ids)} rows for {len(expected)} ids, "
                 f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
             )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "x", newline="") as file:
-            file.write(f"{IMAGE_ID},{ENCODED_PIXELS}\n")
-            file.writelines(f"{image_id},{encoded}\n" for image_id, encoded in rows)
-            file.flush()
-            os.fsync(file.fileno())
-        _sync_folder(path.parent)
-        os.replace(temporary, path)
-        _sync_folder(path.parent)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so that the names created or renamed in it are on disk."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    with durable_file(path) as temporary, open(temporary, "x", newline="") as file:
+        file.write(f"{IMAGE_ID},{ENCODED_PIXELS}\n")
+        file.writelines(f"{image_id},{encoded}\n" for image_id, encoded in rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +124,12 @@ def predict_submission(
     postprocess: PostProcess = PostProcess(),
     expected_ids: Sequence[str] | None = None,
     overlays: OverlayWriter | None = None,
+    dicom_seg: DicomSegWriter | None = None,
 ) -> PredictSummary:
     """Predicts every item (see `submission_items`) with an `Inference` or an `ensemble.Ensemble`, writes the
-    submission to `out` and, given an `OverlayWriter`, the overlays of its selected images. Post-processing and
-    RLE encoding run on POSTPROCESS_THREADS threads while the next predictions arrive."""
+    submission to `out`, given an `OverlayWriter` the overlays of its selected images and, given an
+    `inference.dicom_seg.DicomSegWriter`, the DICOM Segmentations of the final masks of its readable images.
+    Post-processing and RLE encoding run on POSTPROCESS_THREADS threads while the next predictions arrive."""
     start = time.perf_counter()
     first_batch = min(inference.batch_size, len(items))
     first_batch_s = 0.0
@@ -155,6 +141,8 @@ def predict_submission(
             unreadable.append(prediction.image_id)
         elif overlays is not None and overlays.selected(prediction.index):
             overlays.add(prediction.index, prediction.image_id, prediction.pixels(), mask)
+        if mask is not None and dicom_seg is not None:
+            dicom_seg.add(prediction.path, mask)
 
     with concurrent.futures.ThreadPoolExecutor(POSTPROCESS_THREADS) as pool:
         pending = collections.deque()  # in order; bounded to a batch beyond what the threads are working on

@@ -9,10 +9,12 @@
     OUT/stage_2_train.csv                (``stage2=True``) train and test labels, no spaces, like stage 2
 
 The DICOM files copy the structure of the real ones: CR, Secondary Capture, 1024x1024 8-bit MONOCHROME2, one JPEG
-Baseline fragment. Each image is a procedural chest radiograph (body, lungs with branching vessel markings, ribs,
-clavicles, spine, mediastinum and heart, diaphragm) with its own exposure, pose and anatomy. A pneumothorax is a
-region at the apical/lateral chest wall with no lung markings, darker than the lung, bounded by a thin bright
-pleural line, while the collapsed lung's markings crowd toward the hilum. Its masks are procedural, or the
+Baseline fragment. ``shapes`` (``synth --shape H W`` or ``--shapes 96x160,160x96``) stretches the 1024² rendering to
+other Rows x Columns, with the labels encoded at each image's own size and PixelSpacing stretched alike.
+Each image is a procedural chest radiograph (body, lungs with branching vessel markings, ribs, clavicles, spine,
+mediastinum and heart, diaphragm) with its own exposure, pose and anatomy. A pneumothorax is a region at the
+apical/lateral chest wall with no lung markings, darker than the lung, bounded by a thin bright pleural line, while
+the collapsed lung's markings crowd toward the hilum. Its masks are procedural, or the
 positive rows of a real label file (``mask_source``), rendered with the same appearance.
 
 ``difficulty`` in [0, 1] (default 0.5) sets how the region stands out; it never has lung markings. At the default

@@ -6,10 +6,12 @@ import dataclasses
 import functools
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from siim_jax.data import rle
+from siim_jax.data.synthetic.anatomy import IMAGE_SIZE
 from siim_jax.data.synthetic.patients import (
     DEFAULT_POSITIVE_FRACTION,
     CaseIdentity,
@@ -27,9 +29,9 @@ from siim_jax.data.synthetic.rendering import DEFAULT_DIFFICULTY, render_case
 class SyntheticCase:
     identity: CaseIdentity
     patient: Patient
-    image: np.ndarray
-    mask: np.ndarray
-    rles: tuple[str, ...]  # the label rows of this image; ("-1",) when negative
+    image: np.ndarray  # uint8 (Rows, Columns)
+    mask: np.ndarray  # bool, the image's shape
+    rles: tuple[str, ...]  # the label rows of this image, at its shape; ("-1",) when negative
 
 
 @functools.lru_cache(maxsize=2)
@@ -52,8 +54,10 @@ def synthesize_case(
     positive_fraction: float = DEFAULT_POSITIVE_FRACTION,
     difficulty: float = DEFAULT_DIFFICULTY,
     mask_source: str | Path | None = None,
+    shape: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE),
 ) -> SyntheticCase:
-    """Case ``index`` of ``split``, a function of its arguments alone."""
+    """Case ``index`` of ``split``, a function of its arguments alone, as an image of ``shape`` (Rows, Columns)."""
+    check_shape(shape)
     rng = case_rng(seed, split, index)
     positive = is_positive(seed, split, index, positive_fraction)
     patient = sample_patient(rng)
@@ -63,8 +67,24 @@ def synthesize_case(
         source_rles = pool[rng.integers(len(pool))]
     source_mask = rle.decode_merged(source_rles) if source_rles else None
     image, mask = render_case(rng, positive, difficulty, patient, source_mask)
-    if source_rles:
-        rles = source_rles
-    else:
-        rles = tuple(rle.encode(component) for component in mask_components(mask)) or (rle.EMPTY,)
+    if tuple(shape) != (IMAGE_SIZE, IMAGE_SIZE):
+        image, mask = _resized(image, mask, shape)
+    elif source_rles:
+        return SyntheticCase(case_identity(seed, split, index), patient, image, mask, source_rles)
+    components = mask_components(mask)
+    rles = tuple(rle.encode(component) for component in components) or (rle.EMPTY,)
+    mask = np.any(components, axis=0) if components else np.zeros_like(mask)  # specks left out of the labels
     return SyntheticCase(case_identity(seed, split, index), patient, image, mask, rles)
+
+
+def check_shape(shape: tuple[int, int]) -> None:
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"an image shape is (Rows, Columns), both positive; got {tuple(shape)}")
+
+
+def _resized(image: np.ndarray, mask: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The 1024² rendering stretched to (rows, columns): the image area-averaged, the mask nearest."""
+    rows, columns = shape
+    image = cv2.resize(image, (columns, rows), interpolation=cv2.INTER_AREA)  # OpenCV sizes are (width, height)
+    mask = cv2.resize(mask.view(np.uint8), (columns, rows), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return image, mask

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import multiprocessing
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from siim_jax.data import rle
 from siim_jax.data.layout import DICOM_SUFFIX, SAMPLE_SUBMISSION_CSV, SPLIT_DIRS, STAGE2_CSV, TRAIN_CSV
-from siim_jax.data.synthetic.cases import load_mask_pool, synthesize_case
+from siim_jax.data.synthetic.anatomy import IMAGE_SIZE
+from siim_jax.data.synthetic.cases import check_shape, load_mask_pool, synthesize_case
 from siim_jax.data.synthetic.patients import DEFAULT_POSITIVE_FRACTION, CaseIdentity, Patient
 from siim_jax.data.synthetic.rendering import DEFAULT_DIFFICULTY, check_unit_interval
 
@@ -34,6 +36,14 @@ def encode_jpeg(pixels: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("OpenCV could not encode the JPEG")
     return data.tobytes()
+
+
+def pixel_spacing(patient: Patient, shape: tuple[int, int]) -> list[str]:
+    """(row, column) spacing in mm of an image of `shape`: the patient's at 1024², stretched with the image, so
+    that the body keeps its size in millimetres."""
+    if tuple(shape) == (IMAGE_SIZE, IMAGE_SIZE):
+        return [patient.pixel_spacing, patient.pixel_spacing]
+    return [f"{float(patient.pixel_spacing) * IMAGE_SIZE / size:.6g}" for size in shape]
 
 
 def write_dicom(path: str | Path, pixels: np.ndarray, identity: CaseIdentity, patient: Patient) -> None:
@@ -68,7 +78,7 @@ def write_dicom(path: str | Path, pixels: np.ndarray, identity: CaseIdentity, pa
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
-    ds.PixelSpacing = [patient.pixel_spacing, patient.pixel_spacing]
+    ds.PixelSpacing = pixel_spacing(patient, pixels.shape)
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
@@ -90,6 +100,7 @@ class _Task:
     positive_fraction: float
     difficulty: float
     mask_source: str | None
+    shape: tuple[int, int]
 
 
 class _Written(NamedTuple):
@@ -104,7 +115,8 @@ class _Written(NamedTuple):
 
 def _write_case(task: _Task) -> _Written:
     """Renders and writes one case."""
-    case = synthesize_case(task.seed, task.split, task.index, task.positive_fraction, task.difficulty, task.mask_source)
+    case = synthesize_case(task.seed, task.split, task.index, task.positive_fraction, task.difficulty, task.mask_source,
+                           task.shape)
     path = dicom_path(task.out_dir, task.split, case.identity)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_dicom(path, case.image, case.identity, case.patient)
@@ -165,19 +177,27 @@ def generate(
     stage2: bool = False,
     processes: int = 1,
     progress: bool = True,
+    shapes: Sequence[tuple[int, int]] = ((IMAGE_SIZE, IMAGE_SIZE),),
 ) -> SyntheticSummary:
-    """Writes a synthetic dataset in the challenge's layout (see the module docstring) into an empty ``out_dir``."""
+    """Writes a synthetic dataset in the challenge's layout (see the module docstring) into an empty ``out_dir``.
+
+    Image ``index`` of each split has ``shapes[index % len(shapes)]`` (Rows, Columns): the 1024² rendering
+    stretched to that shape, its labels encoded at that shape."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; synthetic data goes into a new folder")
     check_unit_interval("positive_fraction", positive_fraction)
     check_unit_interval("difficulty", difficulty)
+    if not shapes:
+        raise ValueError("give at least one image shape")
+    for shape in shapes:
+        check_shape(shape)
     source = None if mask_source is None else str(mask_source)
     if source is not None:
         load_mask_pool(source)  # fail early on a bad file
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [
-        _Task(out_dir, seed, split, index, positive_fraction, difficulty, source)
+        _Task(out_dir, seed, split, index, positive_fraction, difficulty, source, tuple(shapes[index % len(shapes)]))
         for split, count in (("train", n_train), ("test", n_test))
         for index in range(count)
     ]
