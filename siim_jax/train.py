@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -295,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
     ):
         start = checkpoints.latest_step() if resume else None
         if start is not None:
-            state = checkpoints.restore_state(start, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+            state = checkpoints.restore_state(start, state, mesh)
             checkpoints.restore_data_iterator(start, train_iter)
             log.info("resumed from step %d", start)
             result.update(checkpoints.metrics(start) or {})
