@@ -48,7 +48,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from flax import nnx
 
-    from siim_jax.training import sharding
+    from siim_jax import sharding
     from tests.tiny_model import TinySegmenter, random_batch
 
     sharding.initialise_distributed(args.coordinator, args.processes if args.coordinator else None,
@@ -80,7 +80,8 @@ def train(accum: int, mesh, batches: list[dict]) -> tuple[dict, dict]:
     from flax import nnx
     from siim_jax.configs import defaults
 
-    from siim_jax.training import losses, optim, sharding
+    from siim_jax import sharding
+    from siim_jax.training import losses, optim
     from siim_jax.training.state import build_train_state, make_train_step
     from tests.tiny_model import TinySegmenter
 
@@ -108,7 +109,8 @@ def step_gradient(model, accum: int, mesh, batch: dict) -> dict:
     """
     import optax
 
-    from siim_jax.training import losses, sharding
+    from siim_jax import sharding
+    from siim_jax.training import losses
     from siim_jax.training.state import build_train_state, make_train_step
 
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0, momentum=0.0)
@@ -151,7 +153,7 @@ def global_batch(batch: dict, mesh) -> dict:
     """The global batch as arrays sharded over `mesh`, built from this process's rows only."""
     import jax
 
-    from siim_jax.training import sharding
+    from siim_jax import sharding
 
     rows = sharding.local_batch_size(len(batch["image"]), mesh)
     start = jax.process_index() * rows

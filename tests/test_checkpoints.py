@@ -14,6 +14,7 @@ from siim_jax.configs.defaults import default_config
 from siim_jax.config_utils import ConfigError
 from siim_jax.models import build_model, build_unfilled
 from siim_jax.models import io as model_io
+from siim_jax.sharding import data_mesh
 from siim_jax.training import optim
 from siim_jax.training.checkpoints import TrainingCheckpoints, load_initial_weights, restore_for_inference
 from siim_jax.training.state import build_train_state
@@ -80,7 +81,7 @@ def test_restores_the_state_the_config_and_the_data_position(tmp_path):
     with TrainingCheckpoints(tmp_path) as checkpoints:
         checkpoints.save(3, state, config, data_iterator(position=42))
     with TrainingCheckpoints(tmp_path) as checkpoints:
-        restored = checkpoints.restore_state(3, jax.tree.map(np.zeros_like, state))
+        restored = checkpoints.restore_state(3, jax.tree.map(np.zeros_like, state), data_mesh())
         resumed = data_iterator()
         checkpoints.restore_data_iterator(3, resumed)
         assert checkpoints.restore_config(3).train.epochs == 7

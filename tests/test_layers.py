@@ -2,8 +2,8 @@
 argparse lives in the commands alone.
 
 Layers, bottom to top: the recipes (siim_jax.configs, from configs/), the foundation modules every layer may use
-(config_utils, files, metrics, pictures), data, models, training, inference, evaluation, commands, and the entry point
-cli. `siim_jax/__init__.py` names the public API by strings and imports nothing at import time.
+(config_utils, files, metrics, pictures, sharding), data, models, training, inference, evaluation, commands, and
+the entry point cli. `siim_jax/__init__.py` names the public API by strings and imports nothing at import time.
 Every import counts, also those inside functions: a deferred import is still a dependency.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("configs", "foundation", "data", "models", "training", "inference", "evaluation", "commands", "cli")
-FOUNDATION = {"siim_jax.config_utils", "siim_jax.files", "siim_jax.metrics", "siim_jax.pictures"}
+FOUNDATION = {"siim_jax.config_utils", "siim_jax.files", "siim_jax.metrics", "siim_jax.pictures", "siim_jax.sharding"}
 ARGPARSE_ALLOWED = ("siim_jax.commands", "siim_jax.cli")
 
 

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from siim_jax.configs import defaults
 
-from siim_jax.training import losses, optim, sharding
+from siim_jax import sharding
+from siim_jax.training import losses, optim
 from siim_jax.training.state import build_train_state, make_train_step
 from tests.conftest import reference_import
 from tests.helpers import gradient_error

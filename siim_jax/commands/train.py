@@ -11,10 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
+from siim_jax import sharding
 from siim_jax.commands.arguments import add_config_argument, parse_args_with_config
 from siim_jax.data.dicom import DicomError
 from siim_jax.data.labels import LabelError
-from siim_jax.training import sharding
 from siim_jax.training.loop import NonFiniteLossError, train_and_evaluate
 
 log = logging.getLogger(__name__)

@@ -37,12 +37,12 @@ import pandas as pd
 from flax import nnx
 from tqdm.auto import tqdm
 
+from siim_jax import sharding as sharding_lib
 from siim_jax.data import pipeline
 from siim_jax.data.augment import model_input
 from siim_jax.data.dicom import DicomError, read_dicom
 from siim_jax.inference.postprocess import PostProcess
 from siim_jax.models import build_unfilled
-from siim_jax.training import sharding as sharding_lib
 
 ON_ERROR = ("empty", "fail")
 DTYPES = ("float32", "bfloat16")

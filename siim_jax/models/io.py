@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from siim_jax.models import ResNetEncoder, UNet, build_unfilled
+from siim_jax.sharding import restore_target
 
 CONFIG_FILE = "model_config.json"
 STATE_DIR = "state"
@@ -51,12 +52,12 @@ def read_model_config(path: str | Path) -> ml_collections.ConfigDict:
 
 
 def load_model(path: str | Path) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-    """The model saved at `path` and its config."""
+    """The model saved at `path` and its config, its arrays replicated over every device of this run."""
     path = Path(path).absolute()
     model_config = read_model_config(path)
     model = build_unfilled(model_config)
     with ocp.StandardCheckpointer() as checkpointer:
-        _assign(model, checkpointer.restore(path / STATE_DIR, _pure_state(model)))
+        _assign(model, checkpointer.restore(path / STATE_DIR, restore_target(_pure_state(model))))
     return model, model_config
 
 

@@ -4,7 +4,8 @@ Layout of `workdir/checkpoints/<step>/`:
   state/      the TrainState (step, params, batch_stats, opt_state, ema_params, rng, plateau), orbax PyTree
   config/     the full training config as JSON
   data_iter/  the position of the run's training iterator (every epoch in one), one `process_<i>-of-<n>.json`
-              per process (grain's handler)
+              per process (grain's handler): a run resumes with as many processes as saved, each with any number
+              of devices
   metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'dice_gated', 'dice_positive', 'auc', ...})
 
 Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice, class-gated
@@ -23,9 +24,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 from orbax.checkpoint import checkpoint_managers as policies
 
 from siim_jax import config_utils
+from siim_jax import sharding as sharding_lib
 from siim_jax.models import build_unfilled
 from siim_jax.models import io as model_io
 
@@ -104,12 +107,25 @@ class TrainingCheckpoints:
         clean_metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         return self.manager.save(step, args=args, metrics=clean_metrics, force=True)
 
-    def restore_state(self, step: int, abstract_state):
-        """The TrainState saved at `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
-        return self._restore_state(step, abstract_state, partial=False)
+    def restore_state(self, step: int, like, mesh: Mesh):
+        """The TrainState saved at `step`, of `like`'s structure (arrays or ShapeDtypeStructs), replicated over
+        `mesh`, whichever devices saved it."""
+        return self._restore_state(step, like, mesh, partial=False)
 
     def restore_data_iterator(self, step: int, data_iterator) -> None:
-        """Moves a fresh training iterator of the run to where the run saved at `step` had got to."""
+        """Moves a fresh training iterator of the run to where the run saved at `step` had got to.
+
+        Each process saved the position of its own iterator, over its rows of every global batch. A run with
+        another number of processes would read another process's rows (or no file at all), so it is refused;
+        another number of devices per process changes no process's rows.
+        """
+        saved = len(list((self.directory / str(step) / "data_iter").glob("process_*-of-*.json")))
+        if saved != jax.process_count():
+            raise ValueError(
+                f"step {step} in {self.directory} was saved by {saved} processes and this run has "
+                f"{jax.process_count()}: each process saved its own position in the training data, so resume it "
+                f"with {saved} processes (each with any number of devices)"
+            )
         self.manager.restore(step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iterator)))
 
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
@@ -125,11 +141,13 @@ class TrainingCheckpoints:
         scored = [(_best_metric(m), step) for m, step in scored if m is not None]
         return [step for _, step in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
 
-    def restore_weights(self, step: int, abstract_weights: dict) -> dict:
-        """Only the TrainState fields named in `abstract_weights` (a partial restore)."""
-        return dict(self._restore_state(step, abstract_weights, partial=True))
+    def restore_weights(self, step: int, like: dict) -> dict:
+        """Only the TrainState fields named in `like` (a partial restore), replicated over every device of this
+        run."""
+        return dict(self._restore_state(step, like, None, partial=True))
 
-    def _restore_state(self, step: int, target, partial: bool):
+    def _restore_state(self, step: int, like, mesh: Mesh | None, partial: bool):
+        target = sharding_lib.restore_target(like, mesh)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=partial)
         return self.manager.restore(step, args=ocp.args.Composite(state=args)).state

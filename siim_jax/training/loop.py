@@ -22,18 +22,17 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from siim_jax import config_utils, pictures
+from siim_jax import sharding as sharding_lib
 from siim_jax.data import pipeline
 from siim_jax.data.augment import model_input
 from siim_jax.metrics import MetricAccumulator
 from siim_jax.models import build_model, build_unfilled
 from siim_jax.training import optim
-from siim_jax.training import sharding as sharding_lib
 from siim_jax.training.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
 from siim_jax.training.logging import MetricWriter
 from siim_jax.training.losses import make_loss
@@ -290,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
     ):
         start = checkpoints.latest_step() if resume else None
         if start is not None:
-            state = checkpoints.restore_state(start, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+            state = checkpoints.restore_state(start, state, mesh)
             checkpoints.restore_data_iterator(start, train_iter)
             log.info("resumed from step %d", start)
             result.update(checkpoints.metrics(start) or {})

@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from siim_jax import metrics as metrics_lib
+from siim_jax import sharding as sharding_lib
 from siim_jax.data.augment import model_input, model_mask
 from siim_jax.models import SegOutput
-from siim_jax.training import sharding as sharding_lib
 from siim_jax.training.optim import PlateauState, with_learning_rate
 
 TRAIN_INPUTS = ("image", "mask", "positive")  # the batch entries a train step reads

@@ -109,8 +109,8 @@ def run_jax(job: Job, settings: Settings, report) -> dict:
     import numpy as np
     from siim_jax.configs import defaults
 
+    from siim_jax import sharding as sharding_lib
     from siim_jax.training import optim
-    from siim_jax.training import sharding as sharding_lib
     from siim_jax.training.loop import init_model
     from siim_jax.training.losses import make_loss
     from siim_jax.training.state import build_train_state, make_train_step
@@ -168,8 +168,8 @@ def run_e2e(job: Job, settings: Settings, runner: StepRunner, mesh, pure_images_
     Timing starts once as many batches as the workers and the device prefetch can hold have been consumed, so
     that batches made while the workers started up do not count.
     """
+    from siim_jax import sharding as sharding_lib
     from siim_jax.data import pipeline
-    from siim_jax.training import sharding as sharding_lib
     from siim_jax.training.state import TRAIN_INPUTS
 
     config = bench_data_config(settings, job.size, settings.workers)

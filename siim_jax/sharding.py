@@ -62,3 +62,15 @@ def replicate(tree, mesh: Mesh):
     """Copies a pytree of host values (identical on every process) to every device."""
     sharding = replicated(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def restore_target(tree, mesh: Mesh | None = None):
+    """What to restore a checkpoint of `tree` into: its arrays' shapes and dtypes, replicated over `mesh` (default:
+    every device of this run). Every checkpoint restore builds its target here.
+
+    Orbax places each restored array as its target says. Given none, it rebuilds the sharding saved in the
+    checkpoint, naming the saving process's devices, and fails ("Topology mismatch") where those do not exist: a
+    model converted on a laptop and loaded on a GPU, a state saved from device 1 and loaded with one device.
+    """
+    sharding = replicated(data_mesh() if mesh is None else mesh)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), tree)
