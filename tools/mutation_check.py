@@ -340,6 +340,49 @@ MUTANTS = (
         'include = ["siim_jax", "siim_jax.configs", "siim_jax.data", "siim_jax.models"]',
         ("tests/test_packaging.py",),
     ),
+    Mutant(
+        "jpeg-fast-path-ignores-window", "DICOM windowing", "an 8-bit JPEG's window left unapplied",
+        "siim_jax/data/dicom.py",
+        '("RescaleSlope", "ModalityLUTSequence", "WindowCenter")',
+        '("RescaleSlope", "ModalityLUTSequence")',
+        ("tests/test_dicom.py::test_8bit_jpeg_fast_path_applies_the_files_transforms_as_pydicom_does",),
+    ),
+    Mutant(
+        "jpeg-fast-path-ignores-modality-lut", "DICOM windowing", "an 8-bit JPEG's modality LUT left unapplied",
+        "siim_jax/data/dicom.py",
+        '("RescaleSlope", "ModalityLUTSequence", "WindowCenter")',
+        '("RescaleSlope", "WindowCenter")',
+        ("tests/test_dicom.py::test_8bit_jpeg_fast_path_applies_the_files_transforms_as_pydicom_does",),
+    ),
+    Mutant(
+        "voi-lut-widened-from-zero", "DICOM windowing", "an 8-bit VOI LUT widened with its first mapped value lost",
+        "siim_jax/data/dicom.py",
+        "[entries, first, 16])",
+        "[entries, 0, 16])",
+        ("tests/test_dicom.py::test_voi_lut_whose_first_mapped_value_is_not_zero_matches_pydicom",),
+    ),
+    Mutant(
+        "batch-rows-compacted", "prediction", "a batch's probabilities indexed among its readable rows only",
+        "siim_jax/predict.py",
+        "            yield probs[row], class_prob,",
+        '            yield probs[np.count_nonzero(batch["valid"][:row])], class_prob,',
+        ("tests/test_predict.py::test_unreadable_or_missing_dicom_gives_empty_row_and_warning",),
+    ),
+    Mutant(
+        "bfloat16-weights", "prediction", "bfloat16 inference casts the parameters and statistics too",
+        "siim_jax/predict.py",
+        "nnx.update(twin, nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))",
+        "nnx.update(twin, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Any(nnx.Param, "
+        "nnx.BatchStat))))",
+        ("tests/test_predict.py::test_bfloat16_inference_keeps_the_weights_and_stays_close_to_float32",),
+    ),
+    Mutant(
+        "logging-drops-zeros", "logging", "metrics whose value is 0 are not written (a falsy test meant for None)",
+        "siim_jax/logging_utils.py",
+        "values = {tag: float(value) for tag, value in scalars.items()}",
+        "values = {tag: float(value) for tag, value in scalars.items() if value}",
+        ("tests/test_train_logging.py::test_every_tag_written_is_read_back_at_its_step",),
+    ),
 )
 
 
