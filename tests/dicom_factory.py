@@ -158,9 +158,7 @@ def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def pydicom_reference(path) -> np.ndarray:
     """read_dicom's documented output computed with pydicom alone: the first frame of pixel_array; colour (pydicom's
-    RGB, a palette through apply_color_lut) as 0.299 R + 0.587 G + 0.114 B; monochrome through apply_modality_lut
-    and apply_voi_lut (LUT preferred), scaled from the VOI's output range, else (wider than 8 bits) from the value
-    range; MONOCHROME1 inverted."""
+    RGB, a palette through apply_color_lut) as 0.299 R + 0.587 G + 0.114 B; monochrome as `pydicom_grey` maps it."""
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -170,12 +168,19 @@ def pydicom_reference(path) -> np.ndarray:
     if pixels.ndim == 3:
         grey = pixels @ np.array([0.299, 0.587, 0.114])
         return np.round(grey).astype(np.uint8) if pixels.dtype == np.uint8 else _scaled(grey, grey.min(), grey.max())
+    return pydicom_grey(ds, pixels)
+
+
+def pydicom_grey(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+    """Monochrome stored values as read_dicom documents their mapping, with pydicom's transforms: apply_modality_lut
+    and apply_voi_lut (LUT preferred), scaled from the VOI's output range, else (wider than 8 bits, or through a
+    modality transform) from the value range; MONOCHROME1 inverted."""
     values = apply_voi_lut(apply_modality_lut(pixels, ds), ds, prefer_lut=True).astype(np.float64)
     if ds.get("VOILUTSequence"):
         grey = _scaled(values, 0, 2.0 ** ds.VOILUTSequence[0].LUTDescriptor[2] - 1)
     elif "WindowCenter" in ds:
         grey = _scaled(values, *_window_range(ds))
-    elif pixels.dtype == np.uint8 and "RescaleSlope" not in ds:
+    elif pixels.dtype == np.uint8 and "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds:
         grey = pixels
     else:
         grey = _scaled(values, values.min(), values.max())

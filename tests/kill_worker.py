@@ -1,10 +1,12 @@
-"""Crash-test children: `siim-jax train` with the tiny test model and a switch to signal itself at a chosen point,
-and a submission writer killed mid-file.
+"""Crash-test children: `siim-jax train` (or `siim-jax cv`) with the tiny test model and a switch to signal itself at
+a chosen point, and a submission writer killed mid-file.
 
     python -m tests.kill_worker [--compilation-cache DIR] [--at POINT:STEP] <siim-jax train arguments>
+    python -m tests.kill_worker [--compilation-cache DIR] [--at POINT:STEP] cv <siim-jax cv arguments>
 
 DIR is a persistent JAX compilation cache shared by the runs of a test. POINT is `kill-mid-step` (dispatch step
-STEP, SIGKILL while it runs), `kill-after-save` (start the checkpoint save of STEP, SIGKILL while orbax is still
+STEP, SIGKILL while it runs; under `cv`, in the first fold that trains),
+`kill-after-save` (start the checkpoint save of STEP, SIGKILL while orbax is still
 writing it) or `term-mid-step` (SIGTERM while step STEP runs). Before signalling, the worker writes
 WORKDIR/signalled.json: the signal, the step and the checkpoints complete on disk at that moment. The model is
 `tests.tiny_model.TinySegmenter`, so a run starts in seconds.
@@ -111,6 +113,8 @@ def main(argv: list[str]) -> int:
         argv = argv[2:]
         install(argv[argv.index("--workdir") + 1], int(step), signum)
     models.build_model = train.build_model = build_tiny_model
+    if argv[:1] == ["cv"]:
+        return cli.main(argv)
     return cli.main(["train", *argv])
 
 

@@ -271,3 +271,55 @@ def _two_frame_jpeg():
     first.PixelData = encapsulate(frames)
     first.NumberOfFrames = 2
     return first
+
+
+def _lut_sequence_item(entries: int, first: int, bits: int, data: np.ndarray) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [entries, first, bits])
+    item.add_new("LUTData", "US", [int(v) for v in data])
+    return item
+
+
+_RAMP8 = factory.ramp(48, 64)
+# The transforms an 8-bit JPEG (the challenge's format, decoded by Pillow) may carry: each must leave the fast path.
+_FAST_PATH_TRANSFORMS = {
+    "window": {"WindowCenter": 100, "WindowWidth": 80},
+    "rescaled window": {"RescaleSlope": 2, "RescaleIntercept": -40, "WindowCenter": 160, "WindowWidth": 200},
+    # an 8-bit VOI LUT whose first mapped value is 20: stored values below it take the first entry
+    "voi lut": {"VOILUTSequence": [_lut_sequence_item(200, 20, 8, 255 * (np.arange(200) / 199) ** 2)]},
+    # a 16-bit modality LUT, mapping stored values to a curve that a plain rescale cannot give
+    "modality lut": {"ModalityLUTSequence": [_lut_sequence_item(256, 0, 16, 65535 * (np.arange(256) / 255) ** 0.5)]},
+    "modality lut then window": {
+        "ModalityLUTSequence": [_lut_sequence_item(256, 0, 16, 65535 * (np.arange(256) / 255) ** 0.5)],
+        "WindowCenter": 40000, "WindowWidth": 24000,
+    },
+}
+
+
+@pytest.mark.parametrize("transform", list(_FAST_PATH_TRANSFORMS))
+def test_8bit_jpeg_fast_path_applies_the_files_transforms_as_pydicom_does(tmp_path, transform):
+    plain = factory.jpeg_dataset(_RAMP8)
+    decoded = read_dicom(factory.save(plain, tmp_path / "plain.dcm")).pixels  # Pillow's values, untransformed
+    ds = factory.jpeg_dataset(_RAMP8)
+    for keyword, value in _FAST_PATH_TRANSFORMS[transform].items():
+        setattr(ds, keyword, value)
+    image = read_dicom(factory.save(ds, tmp_path / "transformed.dcm"))
+    expected = factory.pydicom_grey(pydicom.dcmread(tmp_path / "transformed.dcm"), decoded)
+    np.testing.assert_array_equal(image.pixels, expected)
+    assert np.abs(expected.astype(int) - decoded).max() > 20  # the transform changes the picture
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_voi_lut_whose_first_mapped_value_is_not_zero_matches_pydicom(tmp_path, bits):
+    first, entries = 1000, 2000  # stored 12-bit values below 1000 take the first entry, above 2999 the last
+    ds = factory.dataset(_MONO12, BitsStored=12)
+    ds.VOILUTSequence = [_lut_sequence_item(entries, first, bits,
+                                            (2**bits - 1) * (np.arange(entries) / (entries - 1)) ** 0.5)]
+    path = factory.save(ds, tmp_path / "lut.dcm")
+    image = read_dicom(path)
+    reference_ds = pydicom.dcmread(path)
+    lut = np.asarray(reference_ds.VOILUTSequence[0].LUTData, np.float64)
+    by_hand = lut[np.clip(_MONO12.astype(int), first, first + entries - 1) - first]  # PS3.3 C.11.2.1.1
+    np.testing.assert_array_equal(image.pixels, np.round(by_hand / (2**bits - 1) * 255).astype(np.uint8))
+    if bits == 16:  # pydicom's apply_voi_lut indexes 8-bit LUTs through uint8 (wrapping past 255): 16 bits only
+        np.testing.assert_array_equal(image.pixels, factory.pydicom_reference(path))

@@ -1,9 +1,15 @@
-"""The wheel is complete: built from a copy of the sources and installed outside the checkout, its `siim-jax demo`
-runs from another folder, on the configs shipped inside the package."""
+"""The wheel is complete: built from a copy of the sources and installed in a fresh virtual environment, its
+`siim-jax demo` runs from another folder, on the configs shipped inside the package, and every siim_jax module it
+loads comes from that environment.
+
+The fresh environment reaches the dependencies through a .pth line naming the test interpreter's site-packages: a
+path line adds the folder without running the .pth files inside it, so the editable install of the checkout (whose
+finder would serve any module the wheel lacks) stays out.
+"""
 
 import json
-import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -29,24 +35,53 @@ def build_wheel(out: Path) -> Path:
     return wheel
 
 
+# Runs a console script like its own launcher would, then lists where each siim_jax module was loaded from.
+LAUNCHER = """
+import atexit, json, runpy, sys
+out, script = sys.argv[1], sys.argv[2]
+def loaded():
+    files = {name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())}
+    with open(out, "w") as file:
+        json.dump({name: path for name, path in files.items() if name.split(".")[0] == "siim_jax"}, file)
+atexit.register(loaded)
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def fresh_environment(folder: Path) -> tuple[Path, Path]:
+    """A virtual environment without siim_jax that sees the test interpreter's packages; (python, site-packages)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    where = [str(python), "-I", "-c", "import site; print(site.getsitepackages()[0])"]
+    packages = Path(subprocess.run(where, check=True, capture_output=True, text=True).stdout.strip())
+    (packages / "dependencies.pth").write_text("".join(f"{path}\n" for path in site.getsitepackages()))
+    return python, packages
+
+
 def test_installed_wheel_runs_the_demo_from_another_folder(tmp_path):
     wheel = build_wheel(tmp_path / "dist")
     assert {f"siim_jax/configs/{name}.py" for name in (*RECIPES, "defaults")} <= set(zipfile.ZipFile(wheel).namelist())
 
-    site = tmp_path / "site"
-    pip_install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(site)]
-    subprocess.run([*pip_install, str(wheel)], check=True, timeout=300)
+    python, packages = fresh_environment(tmp_path / "venv")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy only, not the checkout
+    isolated = [str(python), "-I"]  # no PYTHONPATH, user site or script folder: the checkout is out of reach
+    absent = subprocess.run([*isolated, "-c", "import siim_jax"], cwd=elsewhere, capture_output=True, text=True)
+    assert "No module named 'siim_jax'" in absent.stderr  # before the install, no copy is reachable
+    pip_install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q"]
+    subprocess.run([*pip_install, str(wheel)], check=True, timeout=300)
 
-    where = [sys.executable, "-c", "import siim_jax; print(siim_jax.__file__)"]
-    located = subprocess.run(where, cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
-    assert Path(located.stdout.strip()).is_relative_to(site)
-
-    demo = subprocess.run([str(site / "bin" / "siim-jax"), "demo", "--workdir", "run", *TINY], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=600)
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    modules = tmp_path / "modules.json"
+    command = [*isolated, str(tmp_path / "launcher.py"), str(modules), str(python.parent / "siim-jax")]
+    demo = subprocess.run([*command, "demo", "--workdir", "run", *TINY], cwd=elsewhere, capture_output=True,
+                          text=True, timeout=600)
     assert demo.returncode == 0, demo.stderr[-3000:]
     summary = json.loads((elsewhere / "run" / "summary.json").read_text())
     assert 0.0 <= summary["dice"] <= 1.0
     assert Path(summary["outputs"]["submission"]).is_file()
+    loaded = json.loads(modules.read_text())
+    assert {"siim_jax.cli", "siim_jax.commands.demo", "siim_jax.data.synthetic"} <= set(loaded)
+    outside = {name: path for name, path in loaded.items() if not (path and Path(path).is_relative_to(packages))}
+    assert not outside, f"siim_jax modules loaded from outside the installed wheel: {outside}"

@@ -1,5 +1,5 @@
 """Crash safety: training killed (SIGKILL) mid-step and mid-save or stopped by SIGTERM, then resumed to the
-uninterrupted result; submissions interrupted at any point.
+uninterrupted result; a cross-validation fold killed mid-run, then resumed; submissions interrupted at any point.
 
 Each training run is a child of a multiprocessing forkserver that imported the training code once, and the runs share
 a persistent compilation cache, so a run costs seconds. The model is `tests.tiny_model`'s tiny one; the data
@@ -16,13 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pandas as pd
 import pytest
 from flax import nnx
 
+from siim_jax.config_utils import load_config
+from siim_jax.data.layout import TRAIN_CSV, TRAIN_DIR
+from siim_jax.evaluation import cv
+from siim_jax.evaluation.evaluate import labelled_frame
 from siim_jax.inference.predictor import Inference, Predictor
 from siim_jax.inference.submission import predict_submission
 from siim_jax.models import SegOutput
 from siim_jax.training.checkpoints import CHECKPOINT_DIR
+from siim_jax.training.logging import read_history
 from tests import dicom_factory as factory
 from tests import kill_worker
 from tests.kill_worker import forkserver, run_child  # noqa: F401 - forkserver is a fixture
@@ -126,6 +132,37 @@ def test_killed_runs_resume_to_the_uninterrupted_result(forkserver, compilation_
     assert [path for path, _ in final_leaves] == [path for path, _ in expected_leaves]
     for (path, value), (_, wanted) in zip(final_leaves, expected_leaves):
         np.testing.assert_array_equal(value, wanted, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
+def test_cv_resumes_a_killed_fold_writes_its_oof_file_and_skips_the_finished_fold(
+    forkserver, compilation_cache, data, tmp_path
+):
+    workdir = tmp_path / "cv"
+
+    def run_cv(folds: str, at: str | None = None) -> int:
+        argv = ["--compilation-cache", str(compilation_cache), *(["--at", at] if at else []), "cv",
+                "--config", f"{DEMO_CONFIG}:{data}", "--workdir", str(workdir), "--folds", folds, *SETTINGS]
+        return run_child(forkserver, kill_worker.run_logged, (argv, tmp_path / "cv.log"), RUN_TIMEOUT_S)
+
+    assert run_cv("0") == 0
+    first, second = cv.fold_dir(workdir, 0), cv.fold_dir(workdir, 1)
+    done = {name: (first / name).stat().st_mtime_ns for name in (cv.FINISHED_FILE, cv.OOF_FILE, "metrics.jsonl")}
+    assert run_cv("0,1", at="kill-mid-step:6") == -9  # fold 0 skipped; fold 1 killed while step 6 runs
+    assert not (second / cv.FINISHED_FILE).exists() and not (second / cv.OOF_FILE).exists()
+    resumes_from = saved_steps(second)[-1]  # orbax finishes one save before it starts the next: step 2 at least
+    assert 2 <= resumes_from < 6
+
+    assert run_cv("0,1") == 0
+    assert {name: (first / name).stat().st_mtime_ns for name in done} == done  # the finished fold was not touched
+    assert (second / cv.FINISHED_FILE).is_file() and saved_steps(second)[-1] == TOTAL_STEPS
+    logged = [record["step"] for record in read_history(second / "metrics.jsonl") if "train/loss" in record]
+    assert logged == [*range(1, 6), *range(resumes_from + 1, TOTAL_STEPS + 1)]  # resumed, not started again
+    config = load_config(f"{DEMO_CONFIG}:{data}", SETTINGS)
+    validation = labelled_frame(data / TRAIN_DIR, data / TRAIN_CSV, 1, config.data)
+    assert cv.load_oof(second / cv.OOF_FILE).image_ids == list(validation["image_id"])
+    summary = pd.read_csv(workdir / cv.SUMMARY_CSV, index_col=0)
+    assert list(summary.index) == ["fold 0", "fold 1", "pooled"]
 
 
 # ---------------------------------------------------------------------------------------------------- submissions

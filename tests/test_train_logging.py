@@ -61,3 +61,30 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
     writer.plot()
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_tag_written_is_read_back_at_its_step(tmp_path):
+    """Each write's tags, checked against what was written (not against the JSON file): every tag at every step it
+    was logged, in metrics.jsonl and in the events, zeros and non-finite values included, and no tag anywhere else."""
+    writes = [
+        (1, {"train/loss": 0.9, "train/lr": 0.0, "train/grad_norm": 2.5, "train/images_per_s": 12.0}),
+        (2, {"train/loss": 0.7, "train/lr": 5e-4, "train/grad_norm": 0.0, "train/images_per_s": 13.0}),
+        (2, {"val/dice": 0.0, "val/auc": float("nan"), "val/n_images": 4, "epoch": 0}),
+        (4, {"train/loss": 0.5, "train/lr": 1e-3, "train/grad_norm": 1.5, "train/images_per_s": 0.0}),
+        (4, {"val/dice": 0.25, "val/auc": 1.0, "val/n_images": 4, "epoch": 1}),
+    ]
+    with MetricWriter(tmp_path, enabled=True) as writer:
+        for step, scalars in writes:
+            writer.write(step, scalars)
+    lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert lines == [{"step": step, **{tag: None if np.isnan(value) else value for tag, value in scalars.items()}}
+                     for step, scalars in writes]
+    events = read_events(tmp_path / TENSORBOARD_DIR)
+    written = {tag for _, scalars in writes for tag in scalars}
+    assert set(events.Tags()["scalars"]) == written
+    for tag in written:
+        expected = {step: scalars[tag] for step, scalars in writes if tag in scalars}
+        logged = {event.step: event.value for event in events.Scalars(tag)}
+        assert logged.keys() == expected.keys(), tag
+        for step, value in expected.items():
+            assert logged[step] == pytest.approx(value, nan_ok=True), (tag, step)

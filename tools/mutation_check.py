@@ -64,6 +64,13 @@ DICOM_WINDOW_TESTS = (
     "tests/test_dicom.py::test_signed_rescaled_window_matches_pydicom",
 )
 TRIPLET_TESTS = ("tests/test_postprocess.py::test_triplet_rule", "tests/test_properties.py")
+INTEGRITY = "tests/test_evaluation_integrity.py::"
+FOLD_TESTS = (INTEGRITY + "test_evaluate_tune_and_oof_use_exactly_the_runs_validation_fold",)
+ORIENTATION_TESTS = (INTEGRITY + "test_evaluate_images_keeps_non_square_images_upright",
+                     INTEGRITY + "test_predict_fold_and_out_of_fold_files_keep_non_square_truths_upright")
+SCORE_TESTS = (INTEGRITY + "test_image_scores_are_the_class_or_top_pixel_probability_and_auc_matches_sklearn",)
+UNREADABLE_TESTS = (INTEGRITY + "test_evaluate_images_keeps_non_square_images_upright",
+                    INTEGRITY + "test_unreadable_labelled_images_score_as_empty_predictions_in_tune_and_ensembles")
 
 MUTANTS = (
     Mutant(
@@ -228,6 +235,154 @@ MUTANTS = (
         "probs = (plain + mirrored) / 2",
         ("tests/test_predict.py::test_hflip_tta_averages_prediction_and_mirrored_prediction",),
     ),
+    Mutant(
+        "folds-seed-ignored", "folds", "evaluate and tune draw the folds with seed 0, not the run's data.fold_seed",
+        "siim_jax/evaluate.py",
+        "seed=fold_seed, strict=False",
+        "seed=0, strict=False",
+        FOLD_TESTS,
+    ),
+    Mutant(
+        "folds-dropped-with-data-flags", "folds", "given --data and --labels, the run's n_folds and fold_seed are lost",
+        "siim_jax/evaluation/evaluate.py",
+        "        return Path(data), Path(labels), data_config",
+        "        return Path(data), Path(labels), None",
+        FOLD_TESTS,
+    ),
+    Mutant(
+        "oof-default-folds", "folds", "out-of-fold images drawn from the default folds, not the run's",
+        "siim_jax/cv.py",
+        "labelled_frame(dicom_dir, labels, fold, config.data)",
+        "labelled_frame(dicom_dir, labels, fold)",
+        FOLD_TESTS,
+    ),
+    Mutant(
+        "pred-resized-to-height-width", "orientation", "probabilities resized to (height, width) as cv2's dsize",
+        "siim_jax/predict.py",
+        "return cv2.resize(self.prob, (width, height), interpolation=cv2.INTER_LINEAR)",
+        "return cv2.resize(self.prob, (height, width), interpolation=cv2.INTER_LINEAR)",
+        ORIENTATION_TESTS,
+    ),
+    Mutant(
+        "tune-truth-decoded-transposed", "orientation", "tune's truth decoded at (width, height)",
+        "siim_jax/tune.py",
+        "truth = merged_mask(label_row, prediction.original_size).view(np.uint8)",
+        "truth = merged_mask(label_row, prediction.original_size[::-1]).view(np.uint8)",
+        ORIENTATION_TESTS,
+    ),
+    Mutant(
+        "oof-truth-transposed", "orientation", "the CV summary compares each prediction with its transposed truth",
+        "siim_jax/cv.py",
+        'stats["intersection"].append(np.count_nonzero(predicted & truth))',
+        'stats["intersection"].append(np.count_nonzero(predicted & truth.T))',
+        ORIENTATION_TESTS,
+    ),
+    Mutant(
+        "score-mean-not-max", "image scores", "without a class head, the score is the mean pixel probability",
+        "siim_jax/evaluate.py",
+        "return 0.0 if prediction.prob is None else float(prediction.prob.max())",
+        "return 0.0 if prediction.prob is None else float(prediction.prob.mean())",
+        SCORE_TESTS,
+    ),
+    Mutant(
+        "score-ignores-class-head", "image scores", "the score is the top pixel probability even with a class head",
+        "siim_jax/evaluate.py",
+        "    if prediction.class_prob is not None:\n        return prediction.class_prob\n    return 0.0",
+        "    return 0.0",
+        SCORE_TESTS,
+    ),
+    Mutant(
+        "oof-score-mean-not-max", "image scores", "the CV summary scores an image by its mean pixel probability",
+        "siim_jax/cv.py",
+        "else float(prob.max()))",
+        "else float(prob.mean()))",
+        SCORE_TESTS,
+    ),
+    Mutant(
+        "ensemble-class-unweighted", "ensembles", "members' class probabilities averaged without their weights",
+        "siim_jax/ensemble.py",
+        "weighted[0] += member.weight * prediction.class_prob\n" + " " * 28 + "weighted[1] += member.weight",
+        "weighted[0] += prediction.class_prob\n" + " " * 28 + "weighted[1] += 1.0",
+        (INTEGRITY + "test_ensemble_class_probability_is_the_weighted_mean_of_the_members_with_a_head",),
+    ),
+    Mutant(
+        "pooled-class-misaligned", "ensembles", "pooled runs' class probabilities taken by position, not by ImageId",
+        "siim_jax/cv.py",
+        "run.class_probs[position[i]]",
+        "run.class_probs[i]",
+        (INTEGRITY + "test_pooled_oof_class_probabilities_follow_each_runs_own_image_order",),
+    ),
+    Mutant(
+        "evaluate-unreadable-as-negative", "unreadable images", "an unreadable image's true area counted as 0",
+        "siim_jax/evaluate.py",
+        'rows.append((image_id, 0, 0, int(label_row["area"]), score))',
+        "rows.append((image_id, 0, 0, 0, score))",
+        UNREADABLE_TESTS,
+    ),
+    Mutant(
+        "tune-unreadable-as-negative", "unreadable images", "tune scores every unreadable image against an empty truth",
+        "siim_jax/tune.py",
+        "fold.truths[position] = np.full((size, size), positive)",
+        "fold.truths[position] = np.zeros((size, size), bool)",
+        UNREADABLE_TESTS,
+    ),
+    Mutant(
+        "cv-interrupted-fold-restarted", "CV resume", "an unfinished fold is trained from scratch, not resumed",
+        "siim_jax/cv.py",
+        "result = train_and_evaluate(fold_config(config, fold), fold_dir(workdir, fold))",
+        "result = train_and_evaluate(fold_config(config, fold), fold_dir(workdir, fold), resume=False)",
+        ("tests/test_reliability_kill.py::test_cv_resumes_a_killed_fold_writes_its_oof_file_and_skips_the_finished_fold",),
+    ),
+    Mutant(
+        "wheel-misses-a-subpackage", "packaging", "the packages listed by hand, siim_jax.data.synthetic forgotten",
+        "pyproject.toml",
+        'include = ["siim_jax*"]',
+        'include = ["siim_jax", "siim_jax.configs", "siim_jax.data", "siim_jax.models"]',
+        ("tests/test_packaging.py",),
+    ),
+    Mutant(
+        "jpeg-fast-path-ignores-window", "DICOM windowing", "an 8-bit JPEG's window left unapplied",
+        "siim_jax/data/dicom.py",
+        '("RescaleSlope", "ModalityLUTSequence", "WindowCenter")',
+        '("RescaleSlope", "ModalityLUTSequence")',
+        ("tests/test_dicom.py::test_8bit_jpeg_fast_path_applies_the_files_transforms_as_pydicom_does",),
+    ),
+    Mutant(
+        "jpeg-fast-path-ignores-modality-lut", "DICOM windowing", "an 8-bit JPEG's modality LUT left unapplied",
+        "siim_jax/data/dicom.py",
+        '("RescaleSlope", "ModalityLUTSequence", "WindowCenter")',
+        '("RescaleSlope", "WindowCenter")',
+        ("tests/test_dicom.py::test_8bit_jpeg_fast_path_applies_the_files_transforms_as_pydicom_does",),
+    ),
+    Mutant(
+        "voi-lut-widened-from-zero", "DICOM windowing", "an 8-bit VOI LUT widened with its first mapped value lost",
+        "siim_jax/data/dicom.py",
+        "[entries, first, 16])",
+        "[entries, 0, 16])",
+        ("tests/test_dicom.py::test_voi_lut_whose_first_mapped_value_is_not_zero_matches_pydicom",),
+    ),
+    Mutant(
+        "batch-rows-compacted", "prediction", "a batch's probabilities indexed among its readable rows only",
+        "siim_jax/predict.py",
+        "            yield probs[row], class_prob,",
+        '            yield probs[np.count_nonzero(batch["valid"][:row])], class_prob,',
+        ("tests/test_predict.py::test_unreadable_or_missing_dicom_gives_empty_row_and_warning",),
+    ),
+    Mutant(
+        "bfloat16-weights", "prediction", "bfloat16 inference casts the parameters and statistics too",
+        "siim_jax/predict.py",
+        "nnx.update(twin, nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))",
+        "nnx.update(twin, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Any(nnx.Param, "
+        "nnx.BatchStat))))",
+        ("tests/test_predict.py::test_bfloat16_inference_keeps_the_weights_and_stays_close_to_float32",),
+    ),
+    Mutant(
+        "logging-drops-zeros", "logging", "metrics whose value is 0 are not written (a falsy test meant for None)",
+        "siim_jax/logging_utils.py",
+        "values = {tag: float(value) for tag, value in scalars.items()}",
+        "values = {tag: float(value) for tag, value in scalars.items() if value}",
+        ("tests/test_train_logging.py::test_every_tag_written_is_read_back_at_its_step",),
+    ),
 )
 
 
@@ -361,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="NAME", help="run this mutant (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once, each in its own copy")
+    parser.add_argument("--tests", action="append", metavar="NODE",
+                        help="run these tests instead of each mutant's own (repeatable): shows what another "
+                             "selection, such as the tests before a mutant's own were written, misses")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the run of the unmutated tests (only when it is known to pass)")
     args = parser.parse_args(argv)
@@ -370,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown mutants {unknown}; known: {sorted(known)}")
     mutants = [mutant for mutant in MUTANTS if not args.only or mutant.name in args.only]
+    if args.tests:
+        mutants = [dataclasses.replace(mutant, tests=tuple(args.tests)) for mutant in mutants]
     if args.list:
         print(table([("name", "area", "file", "bug", "tests")]
                     + [(m.name, m.area, m.path, m.bug, " ".join(m.tests)) for m in mutants]))

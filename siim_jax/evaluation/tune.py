@@ -13,6 +13,7 @@ predicting; with several `--checkpoint`s or `--ensemble`, on the ensemble's pred
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import cv2
@@ -31,27 +32,43 @@ _MODE_FIELDS = {"threshold": {"threshold"}, "triplet": {"top_threshold", "min_ar
 
 
 def predict_fold(inference: Inference, frame: pd.DataFrame) -> FoldPredictions:
-    """Model-resolution predictions and truths of the frame's readable images (unreadable ones are left out).
+    """Model-resolution predictions and truths of the frame's images, in its order.
 
-    An `ensemble.Ensemble`'s probabilities, averaged at the original size, are resized to its largest member's."""
+    An unreadable image counts as predicted empty, as in `evaluate` and a submission: probabilities and class
+    probability 0, against a stand-in truth that is empty exactly when its label is (an empty prediction's Dice
+    depends on nothing else), at the fold's most common original size. An `ensemble.Ensemble`'s probabilities,
+    averaged at the original size, are resized to its largest member's."""
     fold = FoldPredictions([], [], [], [], [])
     size = inference.image_size
+    unreadable = []  # (position, label positive) of each unreadable image, filled in once the fold is read
     for prediction in inference.predictions(frame_items(frame), desc="tune: predict"):
+        label_row = frame.iloc[prediction.index]
+        fold.image_ids.append(prediction.image_id)
         if prediction.prob is None:
+            unreadable.append((len(fold.probs), bool(label_row["positive"])))
+            fold.probs.append(None)
+            fold.truths.append(None)
+            fold.original_sizes.append(None)
             continue
         prob = prediction.prob
         if prob.shape != (size, size):
             prob = cv2.resize(prob, (size, size), interpolation=cv2.INTER_LINEAR)
         height, width = prob.shape
-        truth = merged_mask(frame.iloc[prediction.index], prediction.original_size).view(np.uint8)
-        fold.image_ids.append(prediction.image_id)
+        truth = merged_mask(label_row, prediction.original_size).view(np.uint8)
         fold.probs.append(prob.astype(np.float16))
         fold.truths.append(cv2.resize(truth, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool))
         fold.original_sizes.append(prediction.original_size)
         if prediction.class_prob is not None:
             fold.class_probs.append(prediction.class_prob)
-    if not fold.probs:
+    if len(unreadable) == len(fold.probs):
         raise ValueError("no readable image to tune on")
+    original_size = collections.Counter(s for s in fold.original_sizes if s is not None).most_common(1)[0][0]
+    for position, positive in unreadable:
+        fold.probs[position] = np.zeros((size, size), np.float16)
+        fold.truths[position] = np.full((size, size), positive)
+        fold.original_sizes[position] = original_size
+        if fold.class_probs:
+            fold.class_probs.insert(position, 0.0)
     fold.class_probs = fold.class_probs or None
     return fold
 
