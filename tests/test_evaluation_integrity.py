@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from siim_jax.configs.defaults import default_data_config
 
+from siim_jax.commands import tune as tune_command
 from siim_jax.data import pipeline, rle
 from siim_jax.data.augment import normalise, resize_pair
 from siim_jax.data.layout import TRAIN_CSV, TRAIN_DIR
-from siim_jax.commands import tune as tune_command
 from siim_jax.evaluation import cv, oof, tune
 from siim_jax.evaluation.evaluate import evaluate_images, labelled_data, labelled_frame, summarise
 from siim_jax.inference import ensemble
