@@ -162,14 +162,17 @@ def test_a_worker_that_never_delivers_stops_the_feed_naming_worker_start_up(tmp_
 
 
 def platform_of_a_worker(_):
-    return np.array(jax.devices()[0].platform)
+    """The worker's JAX platform, and whether it imported torch (albumentations would, for nothing)."""
+    import albumentations  # noqa: F401 - what TrainAugment imports in a worker
+
+    return np.array([jax.devices()[0].platform, str(sys.modules.get("torch") is not None)])
 
 
-def test_workers_run_jax_on_the_cpu_whatever_the_environment_says(monkeypatch, synthetic_tree):
+def test_workers_run_jax_on_the_cpu_whatever_the_environment_says_and_skip_torch(monkeypatch, synthetic_tree):
     # A worker inherits the environment; one that set up a GPU backend would claim the memory the training
     # process holds. 'tpu' fails here at once if a worker honours it.
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     dataset = grain.MapDataset.range(2).map(platform_of_a_worker)
     iterator = pipeline._iterate(data_config(synthetic_tree, workers=1, prefetch=1), dataset, sharding=None)
-    assert [str(platform) for platform in iterator] == ["cpu", "cpu"]
+    assert [list(map(str, element)) for element in iterator] == [["cpu", "False"]] * 2
     iterator.close()
