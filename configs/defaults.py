@@ -68,6 +68,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             # 'auto' (the cores this process may use less one, at most 8), or a count; 0 loads in-process
             "workers": ml_collections.FieldReference("auto", object),
             "prefetch": 2,
+            "batch_timeout_s": 300.0,  # no batch for this long stops training, naming the stage that waits
             "seed": 0,
         }
     )

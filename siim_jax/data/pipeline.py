@@ -17,6 +17,8 @@ Config (``config.data``, from ``siim_jax.configs.defaults.default_data_config()`
   workers         'auto' (default): the cores this process may use less one, at most 8 (`worker_count`); 0 loads
                   in the calling process (one background thread); N > 0 uses N worker processes
   prefetch        batches each worker (or the background thread) keeps ready (2)
+  batch_timeout_s training stops with an error naming the stage that waits when no batch comes for this long
+                  (300; 0: wait for ever), see ``siim_jax.training.feed``
   seed            seeds each epoch's draw, from (seed, epoch), and each element's augmentation, from
                   (seed, epoch, position in the epoch)
 
@@ -28,17 +30,19 @@ API:
   steps_per_epoch(config.data, frame, epoch, global_batch_size): full global batches in that epoch's draw
   epoch_sample(positive, epoch, config.data.balance, seed), positive_fraction_at(schedule, epoch): the draw
   train_iterator(config.data, frame, epochs, global_batch_size, process_index=None, process_count=None,
-      sharding=None, skipped_csv=None) -> one grain DatasetIterator over the per-process batches of every epoch
-      in `epochs` (e.g. range(config.train.epochs): a whole run), in turn (global_batch_size // process_count
-      rows each; process defaults from jax). Batch b of an epoch is the same global batch for any process or
-      worker count, and whichever epochs come before it.
+      sharding=None, skipped_csv=None, progress=None) -> one grain DatasetIterator over the per-process batches
+      of every epoch in `epochs` (e.g. range(config.train.epochs): a whole run), in turn (global_batch_size //
+      process_count rows each; process defaults from jax). Batch b of an epoch is the same global batch for any
+      process or worker count, and whichever epochs come before it.
   eval_batches(config.data, frame, global_batch_size, process_index=None, process_count=None, sharding=None,
       skipped_csv=None): every row exactly once, in order, ceil(len(frame) / global_batch_size) batches, padding
       rows invalid.
   test_batches(...): as eval_batches, without 'mask' and 'positive'.
   to_device(batch, sharding): a host batch -> global jax arrays (jax.make_array_from_process_local_data).
   The iterators take ``sharding`` (e.g. NamedSharding(mesh, P('data'))) to hand out batches already on the mesh,
-  two ahead; worker processes (``workers``) run with one OpenCV thread each.
+  two ahead; worker processes (``workers``) start together, and run with one OpenCV thread each and JAX on the
+  CPU only. ``progress`` (a PipelineProgress) counts the batches loaded and transferred, for
+  ``siim_jax.training.feed.InputMonitor`` to name the stage a stalled run waits on.
 
 Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when ``sharding`` is given):
   'image' uint8 (B, H, W) grey; 'mask' uint8 (B, H, W) in {0, 1}: the jitted functions turn them into the model's
@@ -59,10 +63,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import logging
 import math
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -344,9 +351,15 @@ def _process_plan(rows: np.ndarray, global_batch_size: int, process_index: int, 
 # ------------------------------------------------------------------------------------------------------ iterators
 
 
-def _single_threaded_opencv(worker_index: int, worker_count: int) -> None:
+def _init_worker(worker_index: int, worker_count: int) -> None:
     del worker_index, worker_count
     cv2.setNumThreads(1)  # the worker processes already fill the cores
+    # albumentations imports torch when it can (2.5 of a worker's 5 CPU-seconds of start-up, measured); nothing
+    # here needs it, and a None entry makes its import fail, which albumentations expects
+    sys.modules.setdefault("torch", None)
+    # grain imports jax in every worker; nothing there needs a device, and a worker that initialised the GPU
+    # backend would claim memory the training process holds (XLA_PYTHON_CLIENT_MEM_FRACTION is inherited)
+    jax.config.update("jax_platforms", "cpu")
 
 
 def _this_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -361,6 +374,36 @@ def to_device(batch: dict[str, np.ndarray], sharding) -> dict:
     return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), batch)
 
 
+class PipelineProgress:
+    """Counts the batches that came out of the workers (or the loading thread) and those whose device transfer
+    finished, so that a consumer kept waiting can name the stage it waits on (`siim_jax.training.feed`)."""
+
+    def __init__(self):
+        self.workers = 0  # worker processes; 0: loading in a thread of this process
+        self.loaded = 0
+        self.transferred = 0
+        self._lock = threading.Lock()
+
+    def mark_loaded(self, batch):
+        with self._lock:
+            self.loaded += 1
+        return batch
+
+    def mark_transferred(self, batch):
+        with self._lock:
+            self.transferred += 1
+        return batch
+
+
+def _transfer(batch: dict[str, np.ndarray], sharding, progress: PipelineProgress | None) -> dict:
+    """`to_device` in the prefetch thread, waiting there until the copy is done (the step does not wait for it),
+    so that a transfer that never ends shows as one."""
+    if progress is not None:
+        progress.mark_loaded(batch)
+    batch = jax.block_until_ready(to_device(batch, sharding))
+    return batch if progress is None else progress.mark_transferred(batch)
+
+
 def worker_count(workers: int | str) -> int:
     """Worker processes for a `workers` setting: N as given, or for 'auto' the cores this process may use less one
     (for the main process, which feeds the devices), at most MAX_AUTO_WORKERS; 0 means loading in-process."""
@@ -371,20 +414,28 @@ def worker_count(workers: int | str) -> int:
     return workers
 
 
-def _iterate(config: ml_collections.ConfigDict, dataset: grain.MapDataset, sharding) -> grain.DatasetIterator:
+def _iterate(config: ml_collections.ConfigDict, dataset: grain.MapDataset, sharding,
+             progress: PipelineProgress | None = None) -> grain.DatasetIterator:
     workers = worker_count(config.workers)
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
         workers = grain.MultiprocessingOptions(workers, per_worker_buffer_size=max(1, config.prefetch))
-        iterable = iterable.mp_prefetch(workers, worker_init_fn=_single_threaded_opencv)
+        iterable = iterable.mp_prefetch(workers, worker_init_fn=_init_worker)
     else:
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch))
-    if sharding is not None:
-        iterable = iterable.map(lambda batch: to_device(batch, sharding))
-        iterable = grain.experimental.ThreadPrefetchIterDataset(iterable, prefetch_buffer_size=_DEVICE_PREFETCH)
-    return iter(iterable)
+    if progress is not None:
+        progress.workers = worker_count(config.workers)
+    if sharding is None:
+        return iter(iterable if progress is None else iterable.map(progress.mark_loaded))
+    host = iter(iterable.map(functools.partial(_transfer, sharding=sharding, progress=progress)))
+    iterator = grain.experimental.ThreadPrefetchDatasetIterator(host, prefetch_buffer_size=_DEVICE_PREFETCH)
+    # The prefetch iterator has just asked `host` for its state, which makes each worker's iterator without
+    # starting it; grain would then start worker k only when asked for batch k, after worker k-1's first batch
+    # (measured: 14 workers start one after another). Start all of them now, together.
+    host.start_prefetch()
+    return iterator
 
 
 def train_iterator(
@@ -396,6 +447,7 @@ def train_iterator(
     process_count: int | None = None,
     sharding=None,
     skipped_csv=None,
+    progress: PipelineProgress | None = None,
 ) -> grain.DatasetIterator:
     """The augmented, balanced training batches of `epochs`, one after another, for this process (see the
     module docstring). Each epoch is its own draw and leaves out its own remainder, so batch b of an epoch is
@@ -420,7 +472,7 @@ def train_iterator(
         replace_failures=True,
     )
     dataset = grain.MapDataset.source(np.concatenate(plans)).map(load)
-    return _iterate(config, dataset.batch(global_batch_size // process_count, batch_fn=_collate), sharding)
+    return _iterate(config, dataset.batch(global_batch_size // process_count, batch_fn=_collate), sharding, progress)
 
 
 def _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled: bool,

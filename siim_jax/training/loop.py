@@ -5,8 +5,11 @@ validation Dice at the end of each epoch; checkpoints of the latest and the best
 in `DIR/metrics.jsonl`, `DIR/tensorboard/` (with the config and a contact sheet of validation contours) and
 `DIR/curves.png`. A run resumes from its latest checkpoint unless `--no-resume`, and continues exactly: the same
 next batch, dropout keys and schedule step. SIGINT or SIGTERM saves the current step and exits; a non-finite
-loss stops the run naming the step, leaving the checkpoints as they were. Images left out of training (malformed
-labels, unreadable files; see `data.strict`) are listed with the reason in `DIR/skipped.csv`.
+loss stops the run naming the step, leaving the checkpoints as they were; so does an input batch that does not
+come within `data.batch_timeout_s`, naming the stage it waits on. Each logging step also records the fraction of
+the time the device waited for input (`train/data_wait_fraction`) and the input rate (`train/input_images_per_s`),
+also shown on the progress bar. Images left out of training (malformed labels, unreadable files; see
+`data.strict`) are listed with the reason in `DIR/skipped.csv`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from siim_jax.metrics import MetricAccumulator
 from siim_jax.models import build_model, build_unfilled
 from siim_jax.training import optim
 from siim_jax.training.checkpoints import CHECKPOINT_DIR, TrainingCheckpoints, load_initial_weights
+from siim_jax.training.feed import InputMonitor
 from siim_jax.training.logging import MetricWriter
 from siim_jax.training.losses import make_loss
 from siim_jax.training.state import EVAL_INPUTS, TRAIN_INPUTS, build_train_state, make_eval_step, make_train_step
@@ -225,15 +229,19 @@ def _prefixed(prefix: str, values: dict) -> dict[str, float]:
     return {f"{prefix}/{name}": value for name, value in values.items()}
 
 
-def _log_train(step: int, pending: PendingMetrics, writer: MetricWriter, progress, result: dict, batch_size: int):
-    """Fetches the pending step metrics (checking the loss), writes their means and moves the bar on to `step`.
+def _log_train(step: int, pending: PendingMetrics, writer: MetricWriter, progress, result: dict, batch_size: int,
+               feed: InputMonitor):
+    """Fetches the pending step metrics (checking the loss), writes their means with the input figures of the
+    same interval and moves the bar on to `step`.
 
     Steps run asynchronously: only the fetch tells that they have finished, so the bar moves here, at the
     logging interval, and its rate counts completed steps."""
     means = pending.flush(batch_size)
     if means:
+        means.update(feed.interval())  # after the fetch's host sync: the interval's wall time is complete
         writer.write(step, _prefixed("train", means))
-        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_s']:.1f}", refresh=False)
+        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_s']:.1f}",
+                             data_wait=f"{means['data_wait_fraction']:.0%}", refresh=False)
         progress.update(step - progress.n)
         result["train_loss"] = means["loss"]
 
@@ -277,9 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
     )
     eval_step = make_eval_step(model_def, mesh, config.train.threshold)
     sheet_step = make_sheet_step(model_def, mesh, config.train.threshold)
+    input_progress = pipeline.PipelineProgress()
     train_iter = pipeline.train_iterator(
         config.data, splits.train, range(len(plan.steps)), config.train.batch_size,
-        sharding=sharding_lib.batch_sharding(mesh), skipped_csv=skipped_csv,
+        sharding=sharding_lib.batch_sharding(mesh), skipped_csv=skipped_csv, progress=input_progress,
     )
     result = {"train_loss": float("nan"), "stopped_by": None}
     with (
@@ -303,15 +312,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
             if config.train.eval_at_start:
                 writer.write(0, _prefixed("val", evaluate(eval_step, state, config, splits.val, mesh, skipped_csv)))
         pending = PendingMetrics()
+        feed = InputMonitor(train_iter, config.train.batch_size, config.data.batch_timeout_s, input_progress)
         step = start
         progress = tqdm(total=plan.total_steps, initial=start, unit="step", disable=jax.process_index() > 0)
-        for step, batch in zip(range(start + 1, plan.total_steps + 1), train_iter):
+        for step, batch in zip(range(start + 1, plan.total_steps + 1), feed):
             state, metrics = train_step(state, {k: batch[k] for k in TRAIN_INPUTS})
+            feed.step_dispatched(metrics)
             pending.add(step, metrics)
             ended_epoch = plan.epoch_ends.get(step)
             log_now = step % config.train.log_every_steps == 0 or ended_epoch is not None
             if log_now:
-                _log_train(step, pending, writer, progress, result, config.train.batch_size)
+                _log_train(step, pending, writer, progress, result, config.train.batch_size, feed)
             if ended_epoch is not None:  # evaluates and saves, also when a signal came in meanwhile
                 val_metrics = None
                 if (ended_epoch + 1) % config.train.eval_every_epochs == 0 or step == plan.total_steps:
@@ -326,12 +337,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
                 checkpoints.save(step, state, config, train_iter, metrics=val_metrics)
                 writer.plot()
                 pending.restart_clock()  # images/s counts training time only
+                feed.restart_clock()
             stopping = stop.requested(sync=log_now)
             if stopping or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
-                _log_train(step, pending, writer, progress, result, config.train.batch_size)  # checks the loss first
+                _log_train(step, pending, writer, progress, result, config.train.batch_size, feed)  # checks the loss
                 checkpoints.save(step, state, config, train_iter)  # no-op at an epoch's end, saved above
             if stopping:
                 break
         progress.close()
+        feed.close()
     result.update(step=step, stopped_by=None if stop.received is None else signal.Signals(stop.received).name)
     return result

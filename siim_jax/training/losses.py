@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
 from siim_jax.configs.defaults import default_loss_config
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
