@@ -217,7 +217,7 @@ def _randomise_batchnorm(model: nnx.Module) -> None:
     """Scales, shifts and running statistics away from PyTorch's init (1, 0, 0, 1), the same for every variant
     (they hold the same variables in the same order), so that swapped or ignored ones show."""
     rng = np.random.default_rng(4)
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, BatchNorm):
             features = module.scale.shape
             module.scale[...] = jnp.asarray(rng.random(features) + 0.5, jnp.float32)

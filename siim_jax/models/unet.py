@@ -32,7 +32,9 @@ class SegOutput(NamedTuple):
 class DecoderBlock(nnx.Module):
     """[concat skip → SCSE] → Conv3x3-BN-ReLU twice → [SCSE], on an already upsampled input."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, *, attention, dtype, norm, rngs):
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, *, attention, dtype, norm: str = "flax", rngs
+    ):
         merged = in_channels + skip_channels
         # smp also builds attention1 for the skip-less last block but never calls it; it is left out here.
         self.attention1 = SCSE(merged, dtype=dtype, rngs=rngs) if attention and skip_channels else None
