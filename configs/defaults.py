@@ -25,6 +25,10 @@ def default_model_config() -> ml_collections.ConfigDict:
             "cls_dropout": 0.2,
             "dtype": "float32",  # compute dtype (or bfloat16); parameters and BatchNorm statistics stay float32
             "remat": False,
+            # Speed variants (issue 22), equal up to round-off; each stays off until a GPU run shows it faster.
+            "norm": "flax",  # BatchNorm: "flax" (two-pass statistics) or "fused" (one pass, fused with ReLU/residual)
+            "stem": "rgb",  # first conv on 3 channels: "rgb", "pad4" (a zero 4th channel) or "grey" (folded to 1)
+            "maxpool": "reduce_window",  # stem max pool: "reduce_window" or "slices" (its gradient is a select)
             "init_from": "",  # a checkpoint written by `siim-jax convert` or by training
         }
     )
@@ -101,6 +105,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             "eps": 1e-8,
             "weight_decay": 0.0,  # coupled L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
             "clip_norm": 0.0,  # global-norm clipping of the gradient; 0 = off
+            "flatten": False,  # speed variant: one global norm, and the update on one flat vector (optax.flatten)
             "schedule": "constant",  # one of siim_jax.optim.SCHEDULES
             "warmup_steps": 0,  # linear warm-up from 0, for every schedule
             "final_lr_fraction": 0.0,  # warmup_cosine ends at lr * final_lr_fraction

@@ -12,6 +12,8 @@ from siim_jax.models.unet import SegOutput, UNet
 
 __all__ = ["ENCODERS", "ResNetEncoder", "SegOutput", "UNet", "build_model", "build_unfilled"]
 
+# Speed variants (issue 22): each computes the same model another way and holds the same variables.
+VARIANT_DEFAULTS = {"norm": "flax", "stem": "rgb", "maxpool": "reduce_window"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: parity checks
 
 
@@ -25,8 +27,10 @@ def build_model(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs | None =
     """A randomly initialised UNet (or bare encoder); each call says `train=True` or `train=False`."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     dtype = compute_dtype(model_config.dtype)
+    # Model dirs written before these keys existed build with the defaults.
+    variants = {key: model_config.get(key, default) for key, default in VARIANT_DEFAULTS.items()}
     if model_config.get("encoder_only", False):
-        return ResNetEncoder(model_config.encoder, dtype=dtype, remat=model_config.remat, rngs=rngs)
+        return ResNetEncoder(model_config.encoder, dtype=dtype, remat=model_config.remat, rngs=rngs, **variants)
     return UNet(
         model_config.encoder,
         classes=model_config.classes,
@@ -37,6 +41,7 @@ def build_model(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs | None =
         dtype=dtype,
         remat=model_config.remat,
         rngs=rngs,
+        **variants,
     )
 
 

@@ -32,12 +32,16 @@ class SegOutput(NamedTuple):
 class DecoderBlock(nnx.Module):
     """[concat skip → SCSE] → Conv3x3-BN-ReLU twice → [SCSE], on an already upsampled input."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, *, attention, dtype, rngs):
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, *, attention, dtype, norm: str = "flax", rngs
+    ):
         merged = in_channels + skip_channels
         # smp also builds attention1 for the skip-less last block but never calls it; it is left out here.
         self.attention1 = SCSE(merged, dtype=dtype, rngs=rngs) if attention and skip_channels else None
-        self.conv1 = ConvBNReLU(merged, out_channels, 3, kernel_init=DECODER_INIT, dtype=dtype, rngs=rngs)
-        self.conv2 = ConvBNReLU(out_channels, out_channels, 3, kernel_init=DECODER_INIT, dtype=dtype, rngs=rngs)
+        self.conv1 = ConvBNReLU(merged, out_channels, 3, kernel_init=DECODER_INIT, dtype=dtype, norm=norm, rngs=rngs)
+        self.conv2 = ConvBNReLU(
+            out_channels, out_channels, 3, kernel_init=DECODER_INIT, dtype=dtype, norm=norm, rngs=rngs
+        )
         self.attention2 = SCSE(out_channels, dtype=dtype, rngs=rngs) if attention else None
 
     def __call__(self, x: jax.Array, skip: jax.Array | None, *, train: bool) -> jax.Array:
@@ -78,18 +82,23 @@ class UNet(nnx.Module):
         cls_dropout: float = 0.2,
         dtype: Any = jnp.float32,
         remat: bool = False,
+        norm: str = "flax",
+        stem: str = "rgb",
+        maxpool: str = "reduce_window",
         rngs: nnx.Rngs,
     ):
         if attention not in (None, "scse"):
             raise ValueError(f"attention must be None or 'scse', got {attention!r}")
         if len(decoder_channels) != 5:
             raise ValueError(f"one decoder width per encoder stage (5), got {decoder_channels}")
-        self.encoder = ResNetEncoder(encoder, dtype=dtype, remat=remat, rngs=rngs)
+        self.encoder = ResNetEncoder(
+            encoder, dtype=dtype, remat=remat, norm=norm, stem=stem, maxpool=maxpool, rngs=rngs
+        )
         in_channels = (self.encoder.out_channels[-1], *decoder_channels[:-1])
         skip_channels = (*self.encoder.out_channels[-2::-1], 0)
         self.decoder = nnx.List(
             [
-                DecoderBlock(block_in, skip, block_out, attention=attention, dtype=dtype, rngs=rngs)
+                DecoderBlock(block_in, skip, block_out, attention=attention, dtype=dtype, norm=norm, rngs=rngs)
                 for block_in, skip, block_out in zip(in_channels, skip_channels, decoder_channels)
             ]
         )

@@ -282,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         mesh,
         grad_accum=config.train.grad_accum,
         ema_decay=config.optim.ema_decay,
+        flatten=config.optim.flatten,
     )
     eval_step = make_eval_step(model_def, mesh, config.train.threshold)
     sheet_step = make_sheet_step(model_def, mesh, config.train.threshold)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -24,7 +25,8 @@ OPTIMIZERS = ("adam", "radam")
 
 
 def build_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-    """Gradient → update: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments → × -lr.
+    """Gradient → update: [clip by global norm] → [+ weight_decay * param] → Adam or RAdam moments → × -lr,
+    [all on the parameters flattened into one vector (`optim_config.flatten`)].
 
     Clipping comes first and the decay is added after it, as `clip_grad_norm_` then `Adam(weight_decay=...)`
     do in PyTorch. The learning rate is `opt_state.hyperparams['learning_rate']`, set by the train step.
@@ -43,7 +45,20 @@ def build_optimizer(optim_config: ml_collections.ConfigDict) -> optax.GradientTr
     def optimizer(learning_rate):
         return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
 
-    return optimizer(learning_rate=optim_config.lr)
+    optimizer = optimizer(learning_rate=optim_config.lr)
+    # flatten: the update runs on one vector, a few kernels instead of a few per parameter; its moments are one
+    # vector too, so a checkpoint's optimizer state only resumes under the same setting.
+    return optax.flatten(optimizer) if optim_config.flatten else optimizer
+
+
+def gradient_norm(grads, flatten: bool) -> jax.Array:
+    """The global norm of `grads`, as logged. With `flatten`, it is taken on the vector that `optax.flatten` builds
+    (its leaves in tree order, concatenated), the same expression as the clipping's norm inside the flattened
+    optimizer, so XLA computes one reduction for both (common-subexpression elimination; tests/test_variants.py
+    counts it). Otherwise one reduction per parameter."""
+    if flatten:
+        grads = jnp.concatenate([jnp.reshape(leaf, [-1]) for leaf in jax.tree.leaves(grads)])
+    return optax.tree.norm(grads)
 
 
 def with_learning_rate(opt_state: optax.OptState, learning_rate) -> optax.OptState:

@@ -20,7 +20,7 @@ from siim_jax import metrics as metrics_lib
 from siim_jax import sharding as sharding_lib
 from siim_jax.data.augment import model_input, model_mask
 from siim_jax.models import SegOutput
-from siim_jax.training.optim import PlateauState, with_learning_rate
+from siim_jax.training.optim import PlateauState, gradient_norm, with_learning_rate
 
 TRAIN_INPUTS = ("image", "mask", "positive")  # the batch entries a train step reads
 EVAL_INPUTS = ("image", "mask", "valid")
@@ -114,6 +114,7 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     ema_decay: float = 0.0,
+    flatten: bool = False,
 ):
     """`step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
 
@@ -123,7 +124,8 @@ def make_train_step(
     BatchNorm normalises each micro-batch with its own statistics and updates the running ones once per
     micro-batch, as PyTorch does across accumulated backward passes. Metrics (loss, its components, grad_norm,
     lr) are replicated scalars. `optimizer` takes its learning rate as a hyperparameter (`optim.build_optimizer`);
-    each step injects `schedule(step) * plateau.scale`.
+    each step injects `schedule(step) * plateau.scale`. `flatten` says that `optimizer` was built with
+    `optim.flatten` set, so that the logged grad_norm reuses its clipping's norm (`optim.gradient_norm`).
     """
 
     def loss_on(params, batch_stats, micro, key):
@@ -160,7 +162,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, with_learning_rate(state.opt_state, lr), state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = None if state.ema_params is None else ema_update(state.ema_params, params, ema_decay, state.step)
-        metrics.update(grad_norm=optax.tree.norm(grads), lr=lr)
+        metrics.update(grad_norm=gradient_norm(grads, flatten), lr=lr)
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
         )
