@@ -128,13 +128,16 @@ class SCSE(nnx.Module):
 def max_pool_3x3_s2(x: jax.Array, *, ceil_mode: bool) -> jax.Array:
     """3x3 stride-2 max pool: padding 1 (torchvision, timm) or Caffe's ceil_mode without padding (Cadene SENet).
 
-    ceil_mode on an even size equals padding (0, 1); on an odd size it needs no padding at all.
+    ceil_mode on an even size equals padding (0, 1); on an odd size it needs no padding at all. The padding is
+    -inf written out before an unpadded pool (the same values and gradients) because jax2onnx exports
+    `nnx.max_pool` with 'SAME' or 'VALID' padding only.
     """
     if ceil_mode:
         padding = tuple((0, 1 - size % 2) for size in x.shape[1:3])
     else:
         padding = ((1, 1), (1, 1))
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
