@@ -222,10 +222,7 @@ class Inference:
         model, config = restore_for_inference(path, step=step, best=best, average_top=average_top)
         if dtype is not None and dtype != config.model.dtype:
             model = with_compute_dtype(model, config.model, dtype)
-        if image_size is None:
-            if "data" not in config:
-                raise ValueError(f"{path} holds no data config: give the image size")
-            image_size = int(config.data.image_size)
+        image_size = checkpoint_image_size(path, config, image_size)
         return cls(Predictor(model, batch_size, tta), image_size, on_error, workers, progress, config)
 
     def predictions(self, items: Sequence[Item], desc: str = "predict") -> Iterator[Prediction]:
@@ -274,6 +271,15 @@ class Inference:
                 continue
             class_prob = None if class_probs is None else float(class_probs[row])
             yield probs[row], class_prob, tuple(int(size) for size in batch["original_size"][row])
+
+
+def checkpoint_image_size(path: str | Path, config: ml_collections.ConfigDict, image_size: int | None) -> int:
+    """`image_size`, or by default the training config's `data.image_size` (a model directory has none)."""
+    if image_size is not None:
+        return image_size
+    if "data" not in config:
+        raise ValueError(f"{path} holds no data config: give the image size")
+    return int(config.data.image_size)
 
 
 def with_compute_dtype(model: nnx.Module, model_config: ml_collections.ConfigDict, dtype: str) -> nnx.Module:
@@ -457,13 +463,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "each with the options below")
     parser.add_argument("--ensemble", type=Path, metavar="JSON",
                         help="an ensemble file listing members with their own options (see siim_jax.ensemble)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, help="this saved step (default: the latest)")
-    which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
-    which.add_argument("--average-top", type=int, default=0, metavar="K",
-                       help="average the parameters of the K best steps")
-    parser.add_argument("--image-size", type=int,
-                        help="model input size (default: the checkpoint's config.data.image_size)")
+    add_weights_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per batch over all devices, rounded up to a multiple of the device count (8)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
@@ -479,6 +479,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="persistent cache of compiled functions (default: %(default)s)")
     cache.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
                        help="compile afresh and keep nothing")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which saved weights of a training run, and the input size: the flags `predict` and `export` share."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="this saved step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
+    which.add_argument("--average-top", type=int, default=0, metavar="K",
+                       help="average the parameters of the K best steps")
+    parser.add_argument("--image-size", type=int,
+                        help="model input size (default: the checkpoint's config.data.image_size)")
 
 
 def _workers(text: str) -> int | str:
