@@ -17,6 +17,7 @@ COMMANDS = {
     "tune": ("siim_jax.tune", "grid-search the post-processing on a validation fold or out-of-fold predictions"),
     "evaluate": ("siim_jax.evaluate", "challenge metrics of a checkpoint on labelled images"),
     "predict": ("siim_jax.predict", "write a submission CSV from a checkpoint"),
+    "export": ("siim_jax.commands.export", "write a checkpoint's model as ONNX or a StableHLO artifact"),
 }
 
 
