@@ -18,6 +18,7 @@ COMMANDS = {
     "tune": "grid-search the post-processing on a validation fold or out-of-fold predictions",
     "evaluate": "challenge metrics of a checkpoint on labelled images",
     "predict": "write a submission CSV from a checkpoint",
+    "export": "export a checkpoint's model as ONNX or a StableHLO artifact, for deployment",
 }
 
 

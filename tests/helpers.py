@@ -9,13 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import jax
 import numpy as np
 from flax import nnx
 from PIL import Image
 from pydicom.uid import generate_uid
 from siim_jax.configs.defaults import default_data_config
 
-from siim_jax.models import SegOutput
+from siim_jax.data.augment import model_input
+from siim_jax.models import SegOutput, build_model, build_unfilled
+from siim_jax.models.layers import BatchNorm
 from tests import dicom_factory
 from tests.multihost_worker import GRADIENT_ACCUMS
 
@@ -41,6 +45,35 @@ def square(size: int, top: int, left: int, side: int) -> np.ndarray:
     mask = np.zeros((size, size), bool)
     mask[top : top + side, left : left + side] = True
     return mask
+
+
+# Issue 23's bound on the largest difference in probability between an exported model and `Inference`, float32.
+# Measured: at most 4e-5 (tests/test_export.py), float32 round-off of the same network computed in another order.
+EXPORT_TOLERANCE = 1e-4
+
+
+def smooth_grey(shape, seed):
+    """A smooth random radiograph-like uint8 image spanning 0..255."""
+    pixels = cv2.GaussianBlur(np.random.default_rng(seed).uniform(0, 255, shape).astype(np.float32), (0, 0), 4)
+    return cv2.normalize(pixels, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def calibrated_model(model_config, images):
+    """A random UNet whose BatchNorm running statistics are those of its own activations on `images`, as a
+    trained model's are. With the initial ones (mean 0, variance 1) activations grow through the deep encoders
+    until the sigmoid saturates, and round-off in logits of thousands says nothing about a real model."""
+
+    def state(images):
+        model = build_model(model_config)
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, BatchNorm):
+                module.momentum = 0.0  # the running statistics become this batch's
+        model(model_input(images), train=True)
+        return nnx.state(model)
+
+    model = build_unfilled(model_config)
+    nnx.update(model, jax.jit(state)(images))
+    return model
 
 
 def challenge_dice(pred_masks, true_masks) -> float:

@@ -7,8 +7,8 @@
   smp` of a whole Unet (`unet.pth`) runs on a random smp Unet of the architecture it names.
 - The other `siim-jax` lines (demo, tune, evaluate, predict, convert of downloaded ImageNet weights) parse with the real
   parser: they need a trained checkpoint or a download, and tests/test_demo.py runs a tiny demo.
-- `python tools/...` lines run with --help; every Python block runs on synthetic data; every recipe in the recipe
-  table loads.
+- `python tools/...` lines run with --help; every Python block runs on synthetic data (the onnxruntime one on a
+  small exported model and DICOM); every recipe in the recipe table loads.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from siim_jax.configs.defaults import default_model_config
+from siim_jax.model_io import save_model
+from siim_jax.predict import Inference
 
 from siim_jax import cli, config_utils
+from siim_jax.inference.export import export_checkpoint
 from siim_jax.models import build_model
 
+from . import dicom_factory
 from .conftest import reference_import
-from .helpers import N_TRAIN
+from .helpers import EXPORT_TOLERANCE, N_TRAIN, calibrated_model, smooth_grey
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -173,7 +178,7 @@ def test_readme_convert_block_runs_and_matches_pytorch(smp_unet_pth, tmp_path, m
 
 
 def test_readme_data_format_block_runs(synthetic_tree, tmp_path, monkeypatch, capsys):
-    block = next(block for block in PYTHON_BLOCKS if "read_dicom" in block)
+    block = next(block for block in PYTHON_BLOCKS if "rle.decode" in block)
     (tmp_path / "DATA").symlink_to(synthetic_tree)
     monkeypatch.chdir(tmp_path)
     path = sorted((synthetic_tree / "dicom-images-train").rglob("*.dcm"))[0]
@@ -183,6 +188,26 @@ def test_readme_data_format_block_runs(synthetic_tree, tmp_path, monkeypatch, ca
     assert namespace["mask"].shape == (1024, 1024) and namespace["mask"].sum() == 2 + 8
     assert namespace["text"] == "557374 2 1015 8"  # the encoding gives back what was decoded
     assert len(namespace["index"].frame) == N_TRAIN and "images" in capsys.readouterr().out
+
+
+@pytest.mark.xdist_group("export")  # with tests/test_export.py, which has imported jax2onnx's plugins
+def test_readme_onnx_block_scores_a_dicom_as_predict_does(tmp_path, monkeypatch):
+    """The block on an exported ResNet18 UNet and a non-square DICOM gives `predict`'s probabilities, TTA off."""
+    reference_import("onnxruntime")
+    block = next(block for block in PYTHON_BLOCKS if "onnxruntime" in block)
+    model_config = default_model_config()
+    model_config.update(encoder="resnet18", decoder_channels=(32, 16, 16, 8, 8))
+    calibration = np.stack([smooth_grey((64, 64), seed) for seed in range(4)])
+    save_model(tmp_path / "model", calibrated_model(model_config, calibration), model_config)
+    export_checkpoint(tmp_path / "model", tmp_path / "unet.onnx", "onnx", image_size=64)
+    dicom_factory.save(dicom_factory.dataset(smooth_grey((80, 96), seed=5)), tmp_path / "image.dcm")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(block, namespace)
+    inference = Inference.from_checkpoint(tmp_path / "model", image_size=64, batch_size=1, tta=False, progress=False)
+    (prediction,) = inference.predictions([("image", str(tmp_path / "image.dcm"))])
+    assert np.max(np.abs(namespace["mask_probability"][0] - prediction.prob)) <= EXPORT_TOLERANCE
+    assert abs(namespace["class_probability"][0] - prediction.class_prob) <= EXPORT_TOLERANCE
 
 
 def test_every_recipe_in_the_readme_loads():

@@ -53,13 +53,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", type=Path, metavar="JSON",
                         help="an ensemble file listing members with their own options (see siim_jax.inference."
                              "ensemble)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int, help="this saved step (default: the latest)")
-    which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
-    which.add_argument("--average-top", type=int, default=0, metavar="K",
-                       help="average the parameters of the K best steps")
-    parser.add_argument("--image-size", type=int,
-                        help="model input size (default: the checkpoint's config.data.image_size)")
+    add_weights_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per batch over all devices, rounded up to a multiple of the device count (8)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
@@ -75,6 +69,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="persistent cache of compiled functions (default: %(default)s)")
     cache.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
                        help="compile afresh and keep nothing")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which saved weights of a training run, and the input size: the flags `predict` and `export` share."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="this saved step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
+    which.add_argument("--average-top", type=int, default=0, metavar="K",
+                       help="average the parameters of the K best steps")
+    parser.add_argument("--image-size", type=int,
+                        help="model input size (default: the checkpoint's config.data.image_size)")
 
 
 def inference_from_args(args: argparse.Namespace) -> Inference | Ensemble:

@@ -209,10 +209,7 @@ class Inference:
         model, config = restore_for_inference(path, step=step, best=best, average_top=average_top)
         if dtype is not None and dtype != config.model.dtype:
             model = with_compute_dtype(model, config.model, dtype)
-        if image_size is None:
-            if "data" not in config:
-                raise ValueError(f"{path} holds no data config: give the image size")
-            image_size = int(config.data.image_size)
+        image_size = checkpoint_image_size(path, config, image_size)
         return cls(Predictor(model, batch_size, tta), image_size, on_error, workers, progress, config)
 
     def predictions(self, items: Sequence[Item], desc: str = "predict") -> Iterator[Prediction]:
@@ -261,6 +258,15 @@ class Inference:
                 continue
             class_prob = None if class_probs is None else float(class_probs[row])
             yield probs[row], class_prob, tuple(int(size) for size in batch["original_size"][row])
+
+
+def checkpoint_image_size(path: str | Path, config: ml_collections.ConfigDict, image_size: int | None) -> int:
+    """`image_size`, or by default the training config's `data.image_size` (a model directory has none)."""
+    if image_size is not None:
+        return image_size
+    if "data" not in config:
+        raise ValueError(f"{path} holds no data config: give the image size")
+    return int(config.data.image_size)
 
 
 def with_compute_dtype(model: nnx.Module, model_config: ml_collections.ConfigDict, dtype: str) -> nnx.Module:

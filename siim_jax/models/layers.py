@@ -238,7 +238,9 @@ def max_pool_3x3_s2(x: jax.Array, *, ceil_mode: bool, impl: str = "reduce_window
     """3x3 stride-2 max pool: padding 1 (torchvision, timm) or Caffe's ceil_mode without padding (Cadene SENet).
 
     ceil_mode on an even size equals padding (0, 1); on an odd size it needs no padding at all. `impl` picks
-    XLA's reduce_window (its gradient is a select_and_scatter) or `max_pool_slices` (a chain of selects).
+    XLA's reduce_window (its gradient is a select_and_scatter) or `max_pool_slices` (a chain of selects). For
+    reduce_window the padding is -inf written out before an unpadded pool (the same values and gradients) because
+    jax2onnx exports `nnx.max_pool` with 'SAME' or 'VALID' padding only.
     """
     if impl not in MAXPOOLS:
         raise ValueError(f"model.maxpool must be one of {MAXPOOLS}, got {impl!r}")
@@ -248,7 +250,8 @@ def max_pool_3x3_s2(x: jax.Array, *, ceil_mode: bool, impl: str = "reduce_window
         padding = ((1, 1), (1, 1))
     if impl == "slices":
         return max_pool_slices(x, 3, 2, padding)
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 def max_pool_slices(x: jax.Array, window: int, stride: int, padding) -> jax.Array:
