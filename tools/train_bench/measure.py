@@ -263,8 +263,11 @@ def run_duel(job: Job, settings: Settings, report) -> dict:
         "jax_params": baseline.params,
         "jax_model_input": list(baseline.model_input_shape),  # NHWC
         "jax_flops_per_image": baseline.flops_per_step / baseline.batch_size,
-        **torch_work(job),
     }
+    try:
+        duel.result["work"].update(torch_work(job))
+    except Exception as error:  # noqa: BLE001 - the timings matter more than the cross-check
+        duel.result["work"]["torch"] = failure(error)
     for mode in job.torch_modes:
         duel.add_torch(mode)
     others = [name for name in job.variants if name != variants.BASELINE]

@@ -165,7 +165,7 @@ def work_lines(cases: list[dict]) -> list[str]:
     lines = []
     for case in cases:
         work = case.get("work")
-        if work:
+        if work and "torch_params" in work:
             lines.append(
                 f"work {case['model']}: params jax {work['jax_params']:,} torch {work['torch_params']:,}; input jax "
                 f"NHWC {work['jax_model_input']} torch NCHW {work['torch_model_input']}; GFLOP/image jax "
