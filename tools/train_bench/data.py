@@ -55,6 +55,17 @@ def bench_model_config(model: str):
     return config
 
 
+def bench_config(model: str, batch: int):
+    """The project's whole config (model, optim, train, ...) of the benchmark's step: `bench_model_config`,
+    Adam as the recipes' default, `batch` images per step. The variants override its keys."""
+    from siim_jax.configs import defaults
+
+    config = defaults.default_config()
+    config.model = bench_model_config(model)
+    config.train.batch_size = batch
+    return config
+
+
 def write_model_dir(settings: Settings, model: str) -> Path:
     """A randomly initialised model directory, as `siim-jax convert` writes one, for `predict --checkpoint`."""
     from siim_jax.models import io as model_io
