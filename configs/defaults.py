@@ -130,7 +130,8 @@ def default_train_config() -> ml_collections.ConfigDict:
             "threshold": 0.5,  # pixel probability threshold of the validation Dice
             "log_every_steps": 50,  # the only host syncs between evaluations
             "checkpoint_every_steps": 0,  # 0 = at the end of each epoch only
-            "keep_best": 3,  # checkpoints kept by class-gated validation Dice (dice_gated), besides the latest
+            "keep_best": 3,  # checkpoints kept by validation 'dice_pp' (training.checkpoints), besides the latest
+            "keep_last": 1,  # the latest checkpoints kept (for resuming, and for averaging them: --average-last)
             "seed": 0,  # model init and dropout
         }
     )

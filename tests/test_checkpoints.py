@@ -64,13 +64,31 @@ def test_keeps_the_latest_and_the_best_k(tmp_path):
         assert checkpoints.metrics(5)["dice"] == pytest.approx(0.8)
 
 
-def test_ranks_by_gated_dice_and_falls_back_to_dice_for_older_checkpoints(tmp_path):
-    scores = {1: {"dice": 0.9, "dice_gated": 0.2}, 2: {"dice": 0.4, "dice_gated": 0.8}, 3: {"dice": 0.6}}
-    with TrainingCheckpoints(tmp_path, keep_best=3) as checkpoints:
+def test_ranks_by_postprocessed_dice_and_falls_back_for_older_checkpoints(tmp_path):
+    # Planted: the gated and plain Dice rank steps 1 > 2 > 3 > 4 > 5; dice_pp ranks 3 > 2 > 1. Steps 4 and 5 come
+    # from before dice_pp (gated Dice) and before dice_gated (plain Dice).
+    scores = {
+        1: {"dice": 0.9, "dice_gated": 0.9, "dice_pp": 0.70},
+        2: {"dice": 0.8, "dice_gated": 0.8, "dice_pp": 0.80},
+        3: {"dice": 0.1, "dice_gated": 0.1, "dice_pp": 0.95},
+        4: {"dice": 0.2, "dice_gated": 0.75},
+        5: {"dice": 0.72},
+    }
+    with TrainingCheckpoints(tmp_path, keep_best=5) as checkpoints:
         for step, metrics in scores.items():
             checkpoints.save(step, tiny_state(step), small_config(), data_iterator(), metrics)
     with TrainingCheckpoints(tmp_path, read_only=True) as checkpoints:
-        assert checkpoints.best_steps(3) == [2, 3, 1]
+        assert checkpoints.best_steps(5) == [3, 2, 4, 5, 1]
+
+
+def test_keeps_the_last_k_besides_the_best(tmp_path):
+    dices = {1: 0.9, 2: 0.1, 3: 0.2, 4: None, 5: 0.3, 6: None}
+    with TrainingCheckpoints(tmp_path, keep_best=1, keep_last=3) as checkpoints:
+        for step, dice in dices.items():
+            checkpoints.save(step, tiny_state(step), small_config(), data_iterator(),
+                             None if dice is None else {"dice_pp": dice})
+    with TrainingCheckpoints(tmp_path, read_only=True) as checkpoints:
+        assert checkpoints.all_steps() == [1, 4, 5, 6]
 
 
 def test_restores_the_state_the_config_and_the_data_position(tmp_path):
@@ -133,12 +151,30 @@ def test_restore_for_inference_from_a_training_run(tmp_path):
     assert config.model.encoder == "resnet18" and config.train.keep_best == 3
     assert first_param(restore_for_inference(tmp_path / "checkpoints", step=10)[0]) == 10.0
     assert first_param(restore_for_inference(tmp_path, best=True)[0]) == 20.0
-    averaged, _ = restore_for_inference(tmp_path, average_top=2)
-    assert (first_param(averaged), first_batch_stat(averaged)) == (15.0, 15.0)
     with pytest.raises(ValueError, match=r"step 5 is not saved .* \[10, 20, 30\]"):
         restore_for_inference(tmp_path, step=5)
     with pytest.raises(ValueError, match="average_top=3 but only 2"):
         restore_for_inference(tmp_path, average_top=3)
+    with pytest.raises(ValueError, match="average_last=4 but .* holds 3 checkpoints"):
+        restore_for_inference(tmp_path, average_last=4)
+    with pytest.raises(ValueError, match="at most one of"):
+        restore_for_inference(tmp_path, best=True, average_last=2)
+    # The steps' BatchNorm statistics differ (20 and 30), and this run has no training images to recompute them on
+    with pytest.raises(ValueError, match="needs the run's training images"):
+        restore_for_inference(tmp_path, average_last=2)
+
+
+def test_averaging_means_the_parameters_and_keeps_batch_statistics_that_agree(tmp_path):
+    config = small_config()
+    with TrainingCheckpoints(tmp_path / "checkpoints", keep_best=2, keep_last=2) as checkpoints:
+        for step, dice_pp in ((10, 0.9), (20, 0.5), (30, 0.7)):
+            state = filled_state(lambda: build_model(config.model), config, float(step))
+            state = state.replace(batch_stats=jax.tree.map(lambda x: np.full_like(x, 7.0), state.batch_stats))
+            checkpoints.save(step, state, config, data_iterator(), {"dice_pp": dice_pp})
+    top, _ = restore_for_inference(tmp_path, average_top=2)  # steps 10 and 30
+    last, _ = restore_for_inference(tmp_path, average_last=2)  # steps 20 and 30
+    assert (first_param(top), first_batch_stat(top)) == (20.0, 7.0)
+    assert (first_param(last), first_batch_stat(last)) == (25.0, 7.0)
 
 
 def test_restore_for_inference_takes_the_ema_weights(tmp_path):

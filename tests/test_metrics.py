@@ -41,9 +41,15 @@ def test_per_image_stats_thresholds_strictly_and_uses_class_probs():
     probs = np.array([[[0.5, 0.7], [0.2, 0.9]]], np.float32)[..., None]
     masks = np.array([[[1, 1], [0, 0]]], np.uint8)[..., None]
     stats = metrics.per_image_stats(probs, masks, 0.5)
-    assert {k: float(v[0]) for k, v in stats.items()} == {
+    assert {k: float(stats[k][0]) for k in metrics.STAT_NAMES} == {
         "intersection": 1.0, "pred_area": 2.0, "true_area": 2.0, "score": pytest.approx(0.9)
     }
+    # counted by hand at the bottom thresholds 0.3, 0.4, 0.5, 0.6 and the top thresholds 0.5, 0.7, 0.9
+    assert metrics.PP_BOTTOM_THRESHOLDS == (0.3, 0.4, 0.5, 0.6) and metrics.PP_TOP_THRESHOLDS == (0.5, 0.7, 0.9)
+    np.testing.assert_array_equal(stats["pp_intersection"][0], [2, 2, 1, 1])
+    np.testing.assert_array_equal(stats["pp_pred_area"][0], [3, 3, 2, 2])
+    np.testing.assert_array_equal(stats["top_count"][0], [2, 1, 0])
+    assert float(stats["n_pixels"][0]) == 4
     assert float(metrics.per_image_stats(probs, masks, 0.5, class_probs=np.array([[0.25]]))["score"][0]) == 0.25
 
 
@@ -127,3 +133,34 @@ def test_gated_dice_empties_the_masks_the_class_head_calls_negative():
     gated = (probs > 0.5) & (class_probs >= 0.5)[:, None, None]
     assert 0 < (class_probs >= 0.5).sum() < len(probs)
     assert accumulator.summarise()["dice_gated"] == pytest.approx(challenge_dice(gated, masks))
+
+
+def test_postprocessed_dice_is_the_best_of_the_same_grid_in_the_tuning_code():
+    """'dice_pp' against `postprocess.grid_search` over the same triplet rules and class gates (another
+    implementation: masks, connected components and counts per image). Blobs of a few pixels at 64² put the
+    images on both sides of the scaled minimum areas (2 to 16 pixels)."""
+    from siim_jax.inference.postprocess import grid_search
+
+    rng = np.random.default_rng(8)
+    size, n = 64, 16
+    probs = rng.random((n, size, size)).astype(np.float32) * 0.45  # background below every bottom threshold but 0.3
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        side = int(rng.integers(1, 6))
+        top, left = rng.integers(0, size - side, 2)
+        probs[i, top : top + side, left : left + side] = rng.uniform(0.35, 1.0)
+        if i % 2:
+            masks[i, top : top + side + 1, left : left + side] = True
+    class_probs = rng.uniform(size=n).astype(np.float32)
+    accumulator = metrics.MetricAccumulator()
+    accumulator.add(metrics.per_image_stats(probs, masks, class_probs=class_probs))
+    grid = {
+        "mode": ["triplet"],
+        "top_threshold": list(metrics.PP_TOP_THRESHOLDS),
+        "min_area": [round(area * (size / 1024) ** 2) for area in metrics.PP_MIN_AREAS_1024],
+        "bottom_threshold": list(metrics.PP_BOTTOM_THRESHOLDS),
+        "class_threshold": list(metrics.PP_CLASS_THRESHOLDS),
+    }
+    best = grid_search(probs, masks, grid, class_probs)[0][1]
+    assert accumulator.summarise()["dice_pp"] == pytest.approx(best, abs=1e-12)
+    assert best > accumulator.summarise()["dice"]  # the grid matters on these images

@@ -45,6 +45,16 @@ def workers(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def add_averaging_arguments(group) -> None:
+    """--average-top K / --average-last K, into a mutually exclusive group of checkpoint choices."""
+    group.add_argument("--average-top", type=int, default=0, metavar="K",
+                       help="average the parameters of the K best steps (by validation dice_pp), BatchNorm statistics "
+                            "recomputed on the training images")
+    group.add_argument("--average-last", type=int, default=0, metavar="K",
+                       help="average the parameters of the K latest steps (kept by train.keep_last), BatchNorm "
+                            "statistics recomputed on the training images")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and inference flags that `predict`, `tune` and `evaluate` share."""
     parser.add_argument("--checkpoint", action="append", type=Path,
@@ -75,9 +85,9 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     """Which saved weights of a training run, and the input size: the flags `predict` and `export` share."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="this saved step (default: the latest)")
-    which.add_argument("--best", action="store_true", help="the step with the best class-gated validation Dice")
-    which.add_argument("--average-top", type=int, default=0, metavar="K",
-                       help="average the parameters of the K best steps")
+    which.add_argument("--best", action="store_true",
+                       help="the step with the best validation Dice after post-processing (dice_pp)")
+    add_averaging_arguments(which)
     parser.add_argument("--image-size", type=int,
                         help="model input size (default: the checkpoint's config.data.image_size)")
 
@@ -89,6 +99,7 @@ def inference_from_args(args: argparse.Namespace) -> Inference | Ensemble:
     try:
         return load_inference(
             args.checkpoint or [], args.ensemble, step=args.step, best=args.best, average_top=args.average_top,
+            average_last=args.average_last,
             image_size=args.image_size, batch_size=args.batch_size, tta=args.tta, workers=args.workers,
             on_error=args.on_error, dtype=args.dtype,
         )

@@ -1,5 +1,5 @@
-"""`siim-jax cv --config NAME[:ARG] --workdir W [--folds 0,1,2,3,4] [--best | --average-top K]`: every fold trained,
-out-of-fold predictions and a summary of the folds (siim_jax.evaluation.cv)."""
+"""`siim-jax cv --config NAME[:ARG] --workdir W [--folds 0,1,2,3,4] [--best | --average-top K | --average-last K]`:
+every fold trained, out-of-fold predictions and a summary of the folds (siim_jax.evaluation.cv)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from siim_jax.commands.arguments import add_config_argument, parse_args_with_config
+from siim_jax.commands.arguments import add_averaging_arguments, add_config_argument, parse_args_with_config
 from siim_jax.evaluation.cv import SUMMARY_CSV, SUMMARY_PNG, FoldInterrupted, run_cv
 from siim_jax.evaluation.oof import OOF_FILE
 
@@ -26,8 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the folds to train (default: all data.n_folds)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--best", action="store_true", help="out-of-fold predictions from each fold's best step")
-    which.add_argument("--average-top", type=int, default=0, metavar="K",
-                       help="out-of-fold predictions from each fold's K best steps averaged")
+    add_averaging_arguments(which)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -38,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        table = run_cv(args.config, args.workdir, args.folds, best=args.best, average_top=args.average_top)
+        table = run_cv(args.config, args.workdir, args.folds, best=args.best, average_top=args.average_top,
+                       average_last=args.average_last)
     except (FoldInterrupted, ValueError, FileNotFoundError) as error:
         raise SystemExit(f"siim-jax cv: {error}") from error
     print(table.round(4).to_string())

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         path = export.export_checkpoint(args.checkpoint, args.out, args.format, step=args.step, best=args.best,
-                                        average_top=args.average_top, image_size=args.image_size)
+                                        average_top=args.average_top, average_last=args.average_last,
+                                        image_size=args.image_size)
     except (export.MissingExtraError, ValueError) as error:
         raise SystemExit(str(error)) from error
     print(f"wrote {path} ({args.format}, {path.stat().st_size / 2**20:.1f} MiB)")

@@ -1,15 +1,16 @@
 """Cross-validation: every fold trained in turn, out-of-fold predictions, and a summary of the folds.
 
-    siim-jax cv --config NAME[:ARG] --workdir W [--folds 0,1,2,3,4] [--best | --average-top K]
+    siim-jax cv --config NAME[:ARG] --workdir W [--folds 0,1,2,3,4] [--best | --average-top K | --average-last K]
 
 Fold k trains with `data.fold = k` into `W/fold_k` through `training.loop.train_and_evaluate`: a fold whose training
 ended is marked by `W/fold_k/finished.json` and skipped, an interrupted one resumes from its latest checkpoint. Each
-trained fold then predicts its own validation images (its latest checkpoint, or `--best` / `--average-top K`) into
-`W/fold_k/oof.npz`: probabilities as float16, truths and the images' original sizes at the training size
-`data.image_size` (masks resized nearest, as the training pipeline does), the class probabilities when the model has
-a class head. That is what `siim-jax tune --oof W` tunes the post-processing on, all folds pooled. `W/cv_summary.csv`
-and `W/cv_summary.png` give, per fold and pooled over the folds, the challenge Dice at threshold 0.5 (also gated
-by the class head), the Dice over positive images, IoU and the image-level AUC, all at the training size.
+trained fold then predicts its own validation images (its latest checkpoint, or `--best` / `--average-top K` /
+`--average-last K`) into `W/fold_k/oof.npz`: probabilities as float16, truths and the images' original sizes at the
+training size `data.image_size` (masks resized nearest, as the training pipeline does), the class probabilities when
+the model has a class head. That is what `siim-jax tune --oof W` tunes the post-processing on, all folds pooled.
+`W/cv_summary.csv` and `W/cv_summary.png` give, per fold and pooled over the folds, the challenge Dice at threshold
+0.5 (also gated by the class head), the Dice over positive images, IoU and the image-level AUC, all at the training
+size.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> d
 
 
 def predict_out_of_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int, *, best: bool = False,
-                        average_top: int = 0, batch_size: int = 8) -> FoldPredictions:
+                        average_top: int = 0, average_last: int = 0, batch_size: int = 8) -> FoldPredictions:
     """The fold's validation images predicted by its own model at `data.image_size`, as `tune` takes them."""
     from siim_jax.evaluation.evaluate import labelled_data, labelled_frame
     from siim_jax.evaluation.tune import predict_fold
@@ -77,7 +78,8 @@ def predict_out_of_fold(config: ml_collections.ConfigDict, workdir: Path, fold: 
 
     config = fold_config(config, fold)
     inference = Inference.from_checkpoint(fold_dir(workdir, fold), best=best, average_top=average_top,
-                                          image_size=int(config.data.image_size), batch_size=batch_size)
+                                          average_last=average_last, image_size=int(config.data.image_size),
+                                          batch_size=batch_size)
     dicom_dir, labels, _ = labelled_data(config)
     return predict_fold(inference, labelled_frame(dicom_dir, labels, fold, config.data))
 
@@ -115,7 +117,7 @@ def plot_summary(table: pd.DataFrame, path: Path) -> None:
 
 
 def run_cv(config: ml_collections.ConfigDict, workdir: str | Path, folds: Sequence[int] | None = None, *,
-           best: bool = False, average_top: int = 0) -> pd.DataFrame:
+           best: bool = False, average_top: int = 0, average_last: int = 0) -> pd.DataFrame:
     """Trains the folds (all of `data.n_folds` by default), writes their out-of-fold predictions and the summary;
     returns the summary table."""
     workdir = Path(workdir).absolute()
@@ -125,7 +127,8 @@ def run_cv(config: ml_collections.ConfigDict, workdir: str | Path, folds: Sequen
         train_fold(config, workdir, fold)
         oof = fold_dir(workdir, fold) / OOF_FILE
         if not oof.is_file():
-            save_oof(oof, predict_out_of_fold(config, workdir, fold, best=best, average_top=average_top))
+            save_oof(oof, predict_out_of_fold(config, workdir, fold, best=best, average_top=average_top,
+                                              average_last=average_last))
         per_fold[fold] = load_oof(oof)
     table = summary_table(per_fold)
     table.to_csv(workdir / SUMMARY_CSV)

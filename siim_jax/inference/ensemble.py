@@ -32,7 +32,7 @@ import numpy as np
 
 from siim_jax.inference.predictor import Inference, Item, Prediction, UnreadableImageWarning
 
-MEMBER_KEYS = ("path", "weight", "step", "best", "average_top", "image_size", "tta")
+MEMBER_KEYS = ("path", "weight", "step", "best", "average_top", "average_last", "image_size", "tta")
 
 
 class EnsembleFileError(ValueError):
@@ -48,8 +48,15 @@ class Member:
     step: int | None = None
     best: bool = False
     average_top: int = 0
+    average_last: int = 0
     image_size: int | None = None  # default: the run's config.data.image_size
     tta: bool = True
+
+    @property
+    def selection(self) -> dict:
+        """Which checkpoints of the run: restore_for_inference's keyword arguments."""
+        return {"step": self.step, "best": self.best, "average_top": self.average_top,
+                "average_last": self.average_last}
 
 
 def read_ensemble_file(path: str | Path) -> list[Member]:
@@ -129,7 +136,7 @@ class Ensemble:
             from siim_jax.training.checkpoints import restore_config
 
             first = self.members[0]
-            self._config = restore_config(first.path, step=first.step, best=first.best, average_top=first.average_top)
+            self._config = restore_config(first.path, **first.selection)
         return self._config
 
     @property
@@ -142,16 +149,16 @@ class Ensemble:
             return member.image_size
         from siim_jax.training.checkpoints import restore_config
 
-        config = restore_config(member.path, step=member.step, best=member.best, average_top=member.average_top)
+        config = restore_config(member.path, **member.selection)
         if "data" not in config:
             raise ValueError(f"{member.path} holds no data config: give the member's image_size")
         return int(config.data.image_size)
 
     def _inference(self, member: Member, first: bool) -> Inference:
         return Inference.from_checkpoint(
-            member.path, step=member.step, best=member.best, average_top=member.average_top,
-            image_size=member.image_size, batch_size=self.batch_size, tta=member.tta, workers=self.workers,
-            on_error=self.on_error if first else "empty", progress=self.progress, dtype=self.dtype,
+            member.path, **member.selection, image_size=member.image_size, batch_size=self.batch_size,
+            tta=member.tta, workers=self.workers, on_error=self.on_error if first else "empty",
+            progress=self.progress, dtype=self.dtype,
         )
 
     def predictions(self, items: Sequence[Item], desc: str = "predict") -> Iterator[Prediction]:
@@ -194,6 +201,7 @@ def load_inference(
     step: int | None = None,
     best: bool = False,
     average_top: int = 0,
+    average_last: int = 0,
     image_size: int | None = None,
     batch_size: int = 8,
     tta: bool = True,
@@ -205,14 +213,14 @@ def load_inference(
     ensemble file's members; either offers `.predictions(items)`, `.batch_size` and `.config`."""
     if bool(checkpoints) == (ensemble_file is not None):
         raise ValueError("give checkpoints (one, or several for an ensemble) or an ensemble file, not both")
+    selection = {"step": step, "best": best, "average_top": average_top, "average_last": average_last}
     if len(checkpoints) == 1:
         return Inference.from_checkpoint(
-            checkpoints[0], step=step, best=best, average_top=average_top, image_size=image_size,
+            checkpoints[0], **selection, image_size=image_size,
             batch_size=batch_size, tta=tta, workers=workers, on_error=on_error, dtype=dtype,
         )
     if ensemble_file is not None:
         members = read_ensemble_file(ensemble_file)
     else:
-        members = [Member(Path(path), step=step, best=best, average_top=average_top, image_size=image_size, tta=tta)
-                   for path in checkpoints]
+        members = [Member(Path(path), **selection, image_size=image_size, tta=tta) for path in checkpoints]
     return Ensemble(members, batch_size, workers, on_error, dtype=dtype)

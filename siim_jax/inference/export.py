@@ -67,15 +67,17 @@ def export_checkpoint(
     step: int | None = None,
     best: bool = False,
     average_top: int = 0,
+    average_last: int = 0,
     image_size: int | None = None,
 ) -> Path:
-    """Exports the model of a training run (latest `step`, `best`, or `average_top` best steps averaged, as
-    `predict` picks them) or of a model directory to `out` in `format` ('onnx' or 'stablehlo'), at `image_size`
-    (default: the training config's `data.image_size`)."""
+    """Exports the model of a training run (latest `step`, `best`, or the `average_top` best or `average_last`
+    latest steps averaged, as `predict` picks them) or of a model directory to `out` in `format` ('onnx' or
+    'stablehlo'), at `image_size` (default: the training config's `data.image_size`)."""
     from siim_jax.training.checkpoints import restore_for_inference
 
     _require(format)  # before the checkpoint is read
-    model, config = restore_for_inference(path, step=step, best=best, average_top=average_top)
+    model, config = restore_for_inference(path, step=step, best=best, average_top=average_top,
+                                          average_last=average_last)
     return export_model(model, config.model, out, format, checkpoint_image_size(path, config, image_size))
 
 

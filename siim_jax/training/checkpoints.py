@@ -8,15 +8,22 @@ Layout of `workdir/checkpoints/<step>/`:
               of devices
   metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'dice_gated', 'dice_positive', 'auc', ...})
 
-Kept: the latest step (for resuming) and the `keep_best` steps with the highest validation Dice, class-gated
-('dice_gated': a classification head's negative verdict empties the mask, as such models are used). A checkpoint
-without metrics (a periodic or interrupt save mid-epoch) is dropped once it is no longer the latest and the run
-holds more than `keep_best` checkpoints (orbax's BestN keeps everything up to that count).
+Kept: the `keep_last` latest steps (at least one, for resuming; more for `average_last`) and the `keep_best` steps
+ranked best by RANKING_METRICS: 'dice_pp', the validation Dice after the best post-processing of a small grid
+(metrics.postprocessed_dice), which tracks the Dice that `tune`d post-processing scores (README: "Which checkpoints
+to average"); checkpoints saved before it existed fall back to the class-gated Dice, then the plain Dice. A checkpoint
+without metrics (a periodic or interrupt save mid-epoch) is dropped once it is no longer among the latest and the
+run holds more than `keep_best` checkpoints (orbax's BestN keeps everything up to that count).
+
+Averaging several steps (`average_top`, `average_last`) averages the parameters, then recomputes the BatchNorm
+statistics on the run's training images (siim_jax.training.averaging): the mean of the steps' running statistics
+is not the statistics of the averaged network.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import grain
@@ -29,17 +36,20 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from siim_jax import config_utils
 from siim_jax import sharding as sharding_lib
+from siim_jax.data import pipeline
+from siim_jax.data.augment import model_input
 from siim_jax.models import build_unfilled
 from siim_jax.models import io as model_io
+from siim_jax.training import averaging
 
 CHECKPOINT_DIR = "checkpoints"
-BEST_METRIC = "dice_gated"  # see metrics.MetricAccumulator.summarise
+RANKING_METRICS = ("dice_pp", "dice_gated", "dice")  # the first a checkpoint's metrics hold; see metrics.py
 
 log = logging.getLogger(__name__)
 
 
 def _best_metric(metrics) -> float:
-    return float(metrics.get(BEST_METRIC, metrics["dice"]))  # 'dice' in checkpoints saved before 'dice_gated' existed
+    return float(next(metrics[name] for name in RANKING_METRICS if name in metrics))
 
 
 class _WithoutMetricsIsExpected(logging.Filter):
@@ -55,10 +65,10 @@ logging.getLogger("absl").addFilter(_WithoutMetricsIsExpected())  # orbax logs t
 class TrainingCheckpoints:
     """The checkpoint manager of a training run (a context manager; close() waits for pending saves)."""
 
-    def __init__(self, directory: str | Path, keep_best: int = 3, read_only: bool = False):
+    def __init__(self, directory: str | Path, keep_best: int = 3, read_only: bool = False, keep_last: int = 1):
         preservation = policies.AnyPreservationPolicy(
             [
-                policies.LatestN(n=1),
+                policies.LatestN(n=max(keep_last, 1)),
                 policies.BestN(
                     get_metric_fn=_best_metric, n=keep_best, keep_checkpoints_without_metrics=False
                 ),
@@ -136,7 +146,7 @@ class TrainingCheckpoints:
         return self.manager.metrics(step)
 
     def best_steps(self, count: int) -> list[int]:
-        """Up to `count` steps with validation metrics, best (class-gated) Dice first."""
+        """Up to `count` steps with validation metrics, best first by RANKING_METRICS."""
         scored = [(self.metrics(step), step) for step in self.all_steps()]
         scored = [(_best_metric(m), step) for m, step in scored if m is not None]
         return [step for _, step in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
@@ -159,10 +169,13 @@ def checkpoint_directory(path: str | Path) -> Path:
     return path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
 
 
-def _select_steps(checkpoints: TrainingCheckpoints, step: int | None, best: bool, average_top: int) -> list[int]:
+def _select_steps(checkpoints: TrainingCheckpoints, step: int | None, best: bool, average_top: int,
+                  average_last: int) -> list[int]:
     available = checkpoints.all_steps()
     if not available:
         raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}")
+    if sum((step is not None, best, average_top > 0, average_last > 0)) > 1:
+        raise ValueError("give at most one of step, best, average_top and average_last")
     if average_top > 0:
         steps = checkpoints.best_steps(average_top)
         if len(steps) < average_top:
@@ -171,6 +184,13 @@ def _select_steps(checkpoints: TrainingCheckpoints, step: int | None, best: bool
                 f"validation metrics (steps {steps})"
             )
         return steps
+    if average_last > 0:
+        if len(available) < average_last:
+            raise ValueError(
+                f"average_last={average_last} but {checkpoints.directory} holds {len(available)} checkpoints (steps "
+                f"{available}); train with train.keep_last >= {average_last}"
+            )
+        return available[-average_last:]
     if best:
         steps = checkpoints.best_steps(1)
         if not steps:
@@ -183,29 +203,42 @@ def _select_steps(checkpoints: TrainingCheckpoints, step: int | None, best: bool
     return [step]
 
 
-def _mean(trees: list):
-    return jax.tree.map(lambda *leaves: sum(leaves) / len(leaves), *trees)
+def training_images(config: ml_collections.ConfigDict) -> Iterator[jax.Array]:
+    """Model inputs of the run's training images in order, without augmentation, in batches of the training
+    micro-batch size (the batches its BatchNorm statistics came from); a last partial batch is dropped."""
+    micro_batch = config.train.batch_size // max(config.train.grad_accum, 1)
+    try:
+        frame = pipeline.build_datasets(config.data).train
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"recomputing the BatchNorm statistics of averaged checkpoints needs the run's training images "
+            f"(data.root {config.data.root!r}): {error}"
+        ) from error
+    frame = frame.iloc[: max(len(frame) // micro_batch, 1) * micro_batch]
+    for batch in pipeline.eval_batches(config.data, frame, micro_batch):
+        yield model_input(batch["image"][batch["valid"]])
 
 
 def restore_for_inference(
-    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0
+    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0, average_last: int = 0
 ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
     """(model, config) from a training workdir, its checkpoints dir, or a `model_io` model dir.
 
-    From training checkpoints: the latest step, or `step`, or the best class-gated validation Dice (`best`), or the
-    parameters and batch statistics averaged over the `average_top` best steps. The weights are the EMA ones
-    when the run kept an EMA (`optim.ema_decay > 0`); batch statistics are always the trained ones. The config
-    is the run's full config. A model dir holds one set of weights; its config is returned as
+    From training checkpoints: the latest step, or `step`, or the best-ranked step (`best`, RANKING_METRICS), or
+    the parameters averaged over the `average_top` best-ranked steps or the `average_last` latest steps, with the
+    BatchNorm statistics recomputed for the average on the run's training images (`averaging`) unless all
+    the steps' statistics agree. The weights are the EMA ones when the run kept an EMA (`optim.ema_decay > 0`). The
+    config is the run's full config. A model dir holds one set of weights; its config is returned as
     `ConfigDict({'model': model_config})`.
     """
     path = Path(path)
     if (path / model_io.CONFIG_FILE).is_file():
-        if step is not None or best or average_top:
-            raise ValueError(f"{path} is a model directory with one set of weights: step/best/average_top do not apply")
+        if step is not None or best or average_top or average_last:
+            raise ValueError(f"{path} is a model directory with one set of weights: step/best/averaging do not apply")
         model, model_config = model_io.load_model(path)
         return model, ml_collections.ConfigDict({"model": model_config})
     with TrainingCheckpoints(checkpoint_directory(path), read_only=True) as checkpoints:
-        steps = _select_steps(checkpoints, step, best, average_top)
+        steps = _select_steps(checkpoints, step, best, average_top, average_last)
         config = checkpoints.restore_config(steps[0])
         model = build_unfilled(config.model)
         graph, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -213,21 +246,25 @@ def restore_for_inference(
         target = {"params": params, "batch_stats": batch_stats}
         if use_ema:
             target["ema_params"] = params
-        weights = _mean([checkpoints.restore_weights(s, target) for s in steps])
+        restored = [checkpoints.restore_weights(s, target) for s in steps]
     log.info("restored %s step(s) %s%s", checkpoints.directory, steps, " (EMA weights)" if use_ema else "")
+    weights = averaging.mean_of(restored)
     model = nnx.merge(graph, weights["ema_params" if use_ema else "params"], weights["batch_stats"], rest)
+    if not averaging.batch_stats_agree([weights["batch_stats"] for weights in restored]):
+        count = averaging.recompute_batch_stats(model, training_images(config))
+        log.info("recomputed the BatchNorm statistics of the average on %d training batches", count)
     return model, config
 
 
 def restore_config(
-    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0
+    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0, average_last: int = 0
 ) -> ml_collections.ConfigDict:
     """The config that `restore_for_inference` returns for the same arguments, without reading any weights."""
     path = Path(path)
     if (path / model_io.CONFIG_FILE).is_file():
         return ml_collections.ConfigDict({"model": model_io.read_model_config(path)})
     with TrainingCheckpoints(checkpoint_directory(path), read_only=True) as checkpoints:
-        return checkpoints.restore_config(_select_steps(checkpoints, step, best, average_top)[0])
+        return checkpoints.restore_config(_select_steps(checkpoints, step, best, average_top, average_last)[0])
 
 
 def load_initial_weights(model: nnx.Module, path: str | Path) -> None:

@@ -293,7 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
     )
     result = {"train_loss": float("nan"), "stopped_by": None}
     with (
-        TrainingCheckpoints(workdir / CHECKPOINT_DIR, config.train.keep_best) as checkpoints,
+        TrainingCheckpoints(
+            workdir / CHECKPOINT_DIR, config.train.keep_best, keep_last=config.train.keep_last
+        ) as checkpoints,
         MetricWriter(workdir) as writer,
         StopSignals() as stop,
     ):
