@@ -79,7 +79,7 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-    """siim_jax.losses.make_loss's keys. `weights` maps mask-loss component names to weights, replaced whole."""
+    """The keys of siim_jax.training.losses.make_loss; `weights` maps mask-loss parts to weights, replaced whole."""
     return ml_collections.ConfigDict(
         {
             "weights": ml_collections.FieldReference({"focal": 1.0, "dice": 1.0}, object),
@@ -98,7 +98,7 @@ def default_loss_config() -> ml_collections.ConfigDict:
 def default_optim_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
-            "name": "adam",  # one of siim_jax.optim.OPTIMIZERS
+            "name": "adam",  # one of siim_jax.training.optim.OPTIMIZERS
             "lr": 1e-4,
             "b1": 0.9,
             "b2": 0.999,
@@ -106,7 +106,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             "weight_decay": 0.0,  # coupled L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
             "clip_norm": 0.0,  # global-norm clipping of the gradient; 0 = off
             "flatten": False,  # speed variant: one global norm, and the update on one flat vector (optax.flatten)
-            "schedule": "constant",  # one of siim_jax.optim.SCHEDULES
+            "schedule": "constant",  # one of siim_jax.training.optim.SCHEDULES
             "warmup_steps": 0,  # linear warm-up from 0, for every schedule
             "final_lr_fraction": 0.0,  # warmup_cosine ends at lr * final_lr_fraction
             "plateau_factor": 0.5,  # plateau: multiply the rate by this when validation Dice stalls ...

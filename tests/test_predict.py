@@ -2,6 +2,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import jax
@@ -359,6 +360,7 @@ def test_briefly_trained_run_through_predict_tune_and_evaluate(tmp_path, capsys)
     _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, data, tmp_path, capsys)
     _check_averaging_means_the_parameters_and_recomputes_batch_statistics(run_dir)
     _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys)
+    _check_the_readme_tune_evaluate_predict_lines(run_dir, data, tmp_path, capsys)
 
 
 def _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, data, tmp_path, capsys):
@@ -413,3 +415,40 @@ def _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys):
     assert sorted(frame["ImageId"]) == sorted(data.test_ids)
     has_cases = bool((frame["true_area"] > 0).any() or (frame["pred_area"] > 0).any())
     assert (tmp_path / "overlays" / "contact_sheet.png").exists() == has_cases
+
+
+def _check_the_readme_tune_evaluate_predict_lines(run_dir, data, tmp_path, capsys):
+    """The README's "Tune, evaluate, predict, submit" block, run as written on this run and data (its paths and the
+    two-checkpoint run's --average-top 2 put in), each line checked on one figure."""
+    import re
+    import shlex
+
+    from siim_jax import cli
+    from siim_jax.data.labels import read_labels
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Tune, evaluate, predict, submit")[1].split("```bash\n")[1].split("```")[0]
+    replacements = {"runs/unet_resnet50": str(run_dir), "--out submission.csv": f"--out {tmp_path / 'readme.csv'}",
+                    "DATA/stage_2_sample_submission.csv": str(data.sample_submission_csv), "DATA": str(data.out_dir),
+                    "--average-top 3": "--average-top 2"}
+    lines = [line for line in block.splitlines() if line.startswith("siim-jax ")]
+    assert [line.split()[1] for line in lines] == ["tune", "evaluate", "predict"]
+    for line in lines:
+        for old, new in replacements.items():
+            line = line.replace(old, new)
+        capsys.readouterr()
+        assert cli.main(shlex.split(line)[1:]) == 0, line
+        out = capsys.readouterr().out
+        verb = line.split()[1]
+        if verb == "tune":  # the Dice it reports for the best setting is the first row of its table
+            best = float(re.search(r"wrote the best setting \(Dice ([0-9.]+)\)", out).group(1))
+            first_row = out.split("\n")[2].split()
+            assert first_row[0] == "1" and float(first_row[1]) == pytest.approx(best, abs=1e-4)
+        elif verb == "evaluate":  # each image's true area is its label rows' area, decoded here from the labels
+            frame = pd.read_csv(run_dir / "val.csv", dtype={"ImageId": str})
+            labels = read_labels(data.out_dir / "train-rle.csv").groupby("ImageId")["EncodedPixels"].apply(list)
+            for image_id, true_area in zip(frame["ImageId"], frame["true_area"]):
+                assert rle.decode_merged(labels[image_id], 1024, 1024).sum() == true_area, image_id
+        else:  # one row per id of the sample submission, in its order
+            submission = _read_submission(tmp_path / "readme.csv")
+            assert list(submission["ImageId"]) == list(data.test_ids)

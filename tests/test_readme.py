@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from siim_jax.configs.defaults import default_model_config
-from siim_jax.model_io import save_model
-from siim_jax.predict import Inference
 
 from siim_jax import cli, config_utils
 from siim_jax.inference.export import export_checkpoint
+from siim_jax.inference.predictor import Inference
 from siim_jax.models import build_model
+from siim_jax.models.io import save_model
 
 from . import dicom_factory
 from .conftest import reference_import
@@ -90,8 +90,24 @@ def test_readme_shows_every_subcommand():
 
 @pytest.mark.parametrize("command", SIIM_COMMANDS)
 def test_readme_command_parses(command, synthetic_tree):
-    module, args = cli.parse_command(_argv(command, synthetic_tree))
-    assert callable(module.run) and args is not None
+    """Each line parses into its verb's module, and every `--flag value` of the line reaches the arguments (the
+    predict, tune and evaluate lines also run: tests/test_predict.py::test_briefly_trained_run_...)."""
+    argv = _argv(command, synthetic_tree)
+    module, args = cli.parse_command(argv)
+    assert module.__name__ == f"siim_jax.commands.{argv[0]}"
+    given = {}
+    for flag, value in zip(argv[1:], argv[2:]):
+        if flag.startswith("--") and flag != "--config" and not value.startswith("--"):
+            given.setdefault(flag[2:].replace("-", "_"), []).append(value)
+    for name, values in given.items():
+        parsed = getattr(args, name)
+        parsed = [_as_typed(item) for item in (parsed if isinstance(parsed, list) else [parsed])]
+        assert parsed == values or [",".join(parsed)] == values, (name, values, parsed)
+
+
+def _as_typed(item) -> str:
+    """An argument value as the README writes it: a (height, width) shape as HxW."""
+    return "x".join(map(str, item)) if isinstance(item, tuple) else str(item)
 
 
 def _load_train_config(command: str, data: Path):
