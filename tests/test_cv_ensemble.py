@@ -3,6 +3,7 @@ the self-ensemble against the single run, and the averaging against a reference 
 
 import contextlib
 import json
+import logging
 import re
 import shlex
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_cv_summary_matches_the_challenge_metrics_of_the_out_of_fold_predictions
         assert np.isnan(expected_auc) == np.isnan(table.loc[name, "auc"])
 
 
-def test_a_finished_cv_is_not_trained_again(readme_runs, monkeypatch, capsys):
+def test_a_finished_cv_is_not_trained_again(readme_runs, monkeypatch, caplog):
     import siim_jax.training.loop
 
     def refuse(*args, **kwargs):
@@ -149,8 +150,9 @@ def test_a_finished_cv_is_not_trained_again(readme_runs, monkeypatch, capsys):
 
     monkeypatch.setattr(siim_jax.training.loop, "train_and_evaluate", refuse)
     monkeypatch.chdir(readme_runs)
-    assert cli.main(tiny(readme_commands()[0])) == 0
-    assert "finished earlier" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="siim_jax.evaluation.cv"):
+        assert cli.main(tiny(readme_commands()[0])) == 0
+    assert "finished earlier" in caplog.text
 
 
 def test_progressive_stage_starts_from_the_512_run(readme_runs):

@@ -26,7 +26,8 @@ TINY = ["--n-train", "60", "--n-test", "3", "--config.train.batch_size=8", "--co
 def build_wheel(out: Path) -> Path:
     """A wheel of a copy of the sources (the build writes build/ and egg-info next to them, not in the checkout)."""
     source = out / "source"
-    shutil.copytree(ROOT / "siim_jax", source / "siim_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("siim_jax", "configs"):  # configs/ ships as siim_jax.configs (pyproject's package-dir)
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]

@@ -194,7 +194,7 @@ def test_readme_convert_block_runs_and_matches_pytorch(smp_unet_pth, tmp_path, m
 
 
 def test_readme_data_format_block_runs(synthetic_tree, tmp_path, monkeypatch, capsys):
-    block = next(block for block in PYTHON_BLOCKS if "rle.decode" in block)
+    block = next(block for block in PYTHON_BLOCKS if "decode_rle(" in block)
     (tmp_path / "DATA").symlink_to(synthetic_tree)
     monkeypatch.chdir(tmp_path)
     path = sorted((synthetic_tree / "dicom-images-train").rglob("*.dcm"))[0]

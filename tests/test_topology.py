@@ -22,7 +22,7 @@ from siim_jax.training.state import TRAIN_INPUTS
 from tests.helpers import entries, load
 from tests.test_checkpoints import data_iterator, small_config, tiny_state
 from tests.test_train import small_config as small_training_config
-from tests.topology_worker import MODEL_VALUE, run_value
+from tests.topology_worker import MODEL_VALUE, RUN_BATCH_STAT, run_value
 
 WORKER = Path(__file__).with_name("topology_worker.py")
 pytestmark = pytest.mark.xdist_group("topology")  # the module's tests share the saving workers' runs
@@ -53,9 +53,9 @@ def assert_restored(results: dict, prefix: str) -> None:
     averaged = (run_value(2) + run_value(1)) / 2  # the two steps with the best Dice
     wanted = {  # case: (parameters, batch statistics)
         "load_model": (MODEL_VALUE, MODEL_VALUE),
-        "latest": (run_value(3) + 1, run_value(3)),
-        "best": (run_value(2) + 1, run_value(2)),
-        "average_top2": (averaged + 1, averaged),
+        "latest": (run_value(3) + 1, RUN_BATCH_STAT),
+        "best": (run_value(2) + 1, RUN_BATCH_STAT),
+        "average_top2": (averaged + 1, RUN_BATCH_STAT),
     }
     for case, (params, batch_stats) in wanted.items():
         np.testing.assert_array_equal(results[f"{prefix}/{case}/params"], params, err_msg=case)

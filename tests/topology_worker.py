@@ -25,9 +25,12 @@ import sys
 from pathlib import Path
 
 MODEL_VALUE = 0.625
-# Training checkpoints: step S holds every float weight and statistic at S / 4 (exact in float32, so means are
-# exact), EMA weights at S / 4 + 1; steps 1 and 2 have validation Dice, step 3 none.
+# Training checkpoints: step S holds every float weight at S / 4 (exact in float32, so means are exact), EMA
+# weights at S / 4 + 1, and BatchNorm statistics at RUN_BATCH_STAT in every step (statistics that agree are averaged
+# as they are; differing ones would be recomputed on training images, which these runs have none of); steps 1 and 2
+# have validation Dice, step 3 none.
 RUN_DICE = {1: 0.5, 2: 0.9, 3: None}
+RUN_BATCH_STAT = 0.875
 IMAGES = 2  # images predicted per case
 PIXELS = 16
 
@@ -132,7 +135,8 @@ def save_run(workdir: Path, place) -> None:
     with TrainingCheckpoints(workdir / "checkpoints") as checkpoints:
         for step, dice in RUN_DICE.items():
             state = filled(state, run_value(step))
-            state = state.replace(ema_params=filled(state.ema_params, run_value(step) + 1))
+            state = state.replace(ema_params=filled(state.ema_params, run_value(step) + 1),
+                                  batch_stats=filled(state.batch_stats, RUN_BATCH_STAT))
             metrics = None if dice is None else {"dice": dice}
             checkpoints.save(step, place(state), config, iter(grain.MapDataset.range(4).to_iter_dataset()), metrics)
 
@@ -169,7 +173,7 @@ def load(out: Path, directories: list[Path]) -> None:
             results.update({f"{prefix}{case}/{name}": value for name, value in weights(model).items()})
         predicted = {  # case: (checkpoint, its options, parameter and batch statistic values)
             "model_dir": (root / "model", {}, MODEL_VALUE, MODEL_VALUE),
-            "best": (root / "run", {"best": True}, run_value(2) + 1, run_value(2)),
+            "best": (root / "run", {"best": True}, run_value(2) + 1, RUN_BATCH_STAT),
         }
         for case, (path, options, value, stat) in predicted.items():
             inference = Inference.from_checkpoint(path, image_size=PIXELS, batch_size=IMAGES, **options)
