@@ -1,6 +1,7 @@
 """The reference guard of conftest: a missing reference skips a test locally and fails it under CI=true."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,22 @@ def test_a_reference_test_without_its_reference(tmp_path, ci, outcome):
     completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert outcome in completed.stdout, completed.stdout[-2000:]
     assert (completed.returncode == 0) == (ci is None)
+
+
+def test_xdist_groups_keep_their_tests_on_one_worker(tmp_path):
+    # The suite's minutes-long module fixtures are built once because `--dist loadgroup` sends a group's tests to
+    # one worker. pytest 9.2 silently broke that (pytest-xdist#1386: the group suffix no longer reaches the node
+    # id), which doubled those fixtures on CI; this catches such a pairing of versions.
+    (tmp_path / "test_grouped.py").write_text(
+        "import os\nimport pytest\n\n\n"
+        "@pytest.mark.xdist_group('g')\n@pytest.mark.parametrize('i', range(6))\n"
+        "def test_grouped(i):\n    print('WORKER', os.environ['PYTEST_XDIST_WORKER'])\n\n\n"
+        "@pytest.mark.parametrize('i', range(6))\ndef test_free(i):\n    pass\n"
+    )
+    command = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-rA", "-p", "no:cacheprovider",
+               "-o", "addopts=", str(tmp_path / "test_grouped.py")]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    workers = set(re.findall(r"WORKER (gw\d+)", completed.stdout))
+    assert len(re.findall(r"WORKER gw\d+", completed.stdout)) == 6
+    assert len(workers) == 1, f"the group 'g' ran on {sorted(workers)}"
