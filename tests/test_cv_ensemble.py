@@ -72,7 +72,7 @@ def _without_later_folds(argv: list[str]) -> list[str]:
     return kept
 
 
-@pytest.fixture(scope="session")  # built once per worker: its group's tests may not run back to back
+@pytest.fixture(scope="module")
 def readme_runs(tmp_path_factory):
     """Runs every command of the README's cross-validation section in order, in small, from a folder holding a
     synthetic DATA set with test labels and the README's ensemble file; returns that folder."""
