@@ -197,7 +197,7 @@ MUTANTS = (
         "siim_jax/training/checkpoints.py",
         "key=lambda item: (-item[0], item[1])",
         "key=lambda item: (item[0], item[1])",
-        ("tests/test_checkpoints.py::test_ranks_by_gated_dice_and_falls_back_to_dice_for_older_checkpoints",
+        ("tests/test_checkpoints.py::test_ranks_by_postprocessed_dice_and_falls_back_for_older_checkpoints",
          "tests/test_checkpoints.py::test_restore_for_inference_from_a_training_run"),
     ),
     Mutant(
