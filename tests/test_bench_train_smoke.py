@@ -27,7 +27,8 @@ import pytest
 from .conftest import reference_import
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "bench_train.py"
-# The smoke and variants runs below take minutes each: the module's tests share one xdist worker, which builds them once.
+# The smoke and variants runs below take minutes each: the module's tests share one xdist worker, which builds
+# them once.
 pytestmark = pytest.mark.xdist_group("bench_smoke")
 STAGE2_IMAGES = 3205  # tools/train_bench/plan.py
 ROUND_OFF = 1e-12  # a ratio recomputed from the JSON's floats (which round-trip exactly) in the same few operations

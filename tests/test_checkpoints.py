@@ -159,9 +159,14 @@ def test_restore_for_inference_from_a_training_run(tmp_path):
         restore_for_inference(tmp_path, average_last=4)
     with pytest.raises(ValueError, match="at most one of"):
         restore_for_inference(tmp_path, best=True, average_last=2)
-    # The steps' BatchNorm statistics differ (20 and 30), and this run has no training images to recompute them on
+    # The steps' BatchNorm statistics differ (20 and 30): averaged by default, or recomputed, which needs the
+    # training images that this run does not have
+    last, _ = restore_for_inference(tmp_path, average_last=2)
+    assert (first_param(last), first_batch_stat(last)) == (25.0, 25.0)
     with pytest.raises(ValueError, match="needs the run's training images"):
-        restore_for_inference(tmp_path, average_last=2)
+        restore_for_inference(tmp_path, average_last=2, bn_statistics="recompute")
+    with pytest.raises(ValueError, match="bn_statistics must be one of"):
+        restore_for_inference(tmp_path, average_last=2, bn_statistics="mean")
 
 
 def test_averaging_means_the_parameters_and_keeps_batch_statistics_that_agree(tmp_path):

@@ -358,7 +358,7 @@ def test_briefly_trained_run_through_predict_tune_and_evaluate(tmp_path, capsys)
     # One test, so that the training happens once however pytest-xdist spreads the tests.
     run_dir, data = _train_briefly(tmp_path)
     _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, data, tmp_path, capsys)
-    _check_averaging_means_the_parameters_and_recomputes_batch_statistics(run_dir)
+    _check_averaging_means_the_parameters_and_statistics_or_recomputes_them(run_dir)
     _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys)
     _check_the_readme_tune_evaluate_predict_lines(run_dir, data, tmp_path, capsys)
 
@@ -379,21 +379,27 @@ def _check_predict_command_covers_every_id_of_the_sample_submission(run_dir, dat
     assert "images/s" in capsys.readouterr().out
 
 
-def _check_averaging_means_the_parameters_and_recomputes_batch_statistics(run_dir):
+def _check_averaging_means_the_parameters_and_statistics_or_recomputes_them(run_dir):
     from siim_jax.training.checkpoints import TrainingCheckpoints, checkpoint_directory, restore_for_inference
 
     with TrainingCheckpoints(checkpoint_directory(run_dir), read_only=True) as checkpoints:
         steps = checkpoints.best_steps(2)
     assert len(steps) == 2
     averaged, _ = restore_for_inference(run_dir, average_top=2)
+    recomputed, _ = restore_for_inference(run_dir, average_top=2, bn_statistics="recompute")
     singles = [restore_for_inference(run_dir, step=step)[0] for step in steps]
-    leaves = [jax.tree.leaves(nnx.state(model, nnx.Param)) for model in (averaged, *singles)]
-    assert not all(np.array_equal(a, b) for a, b in zip(leaves[1], leaves[2]))  # two different sets of weights
-    for mean, first, second in zip(*leaves):
+    leaves = [jax.tree.leaves(nnx.state(model, nnx.Param)) for model in (averaged, recomputed, *singles)]
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves[2], leaves[3]))  # two different sets of weights
+    for mean, mean_too, first, second in zip(*leaves):
         np.testing.assert_allclose(mean, (np.asarray(first) + np.asarray(second)) / 2, rtol=1e-6, atol=1e-7)
-    # BatchNorm statistics are recomputed for the averaged weights (tests/test_averaging.py), not averaged
-    stats = [jax.tree.leaves(nnx.state(model, nnx.BatchStat)) for model in (averaged, *singles)]
-    assert not all(np.allclose(mean, (np.asarray(a) + np.asarray(b)) / 2) for mean, a, b in zip(*stats))
+        np.testing.assert_array_equal(mean_too, mean)
+    # BatchNorm statistics: averaged by default; recomputed for the averaged weights (tests/test_averaging.py) on
+    # request, which gives others
+    stats = [jax.tree.leaves(nnx.state(model, nnx.BatchStat)) for model in (averaged, recomputed, *singles)]
+    assert not all(np.array_equal(a, b) for a, b in zip(stats[2], stats[3]))  # the steps' statistics differ
+    for mean, _, first, second in zip(*stats):
+        np.testing.assert_allclose(mean, (np.asarray(first) + np.asarray(second)) / 2, rtol=1e-6, atol=1e-7)
+    assert not all(np.allclose(mean, again) for mean, again, _, _ in zip(*stats))
 
 
 def _check_tune_then_evaluate_commands(run_dir, data, tmp_path, capsys):

@@ -26,8 +26,8 @@ from pathlib import Path
 
 MODEL_VALUE = 0.625
 # Training checkpoints: step S holds every float weight at S / 4 (exact in float32, so means are exact), EMA
-# weights at S / 4 + 1, and BatchNorm statistics at RUN_BATCH_STAT in every step (statistics that agree are averaged
-# as they are; differing ones would be recomputed on training images, which these runs have none of); steps 1 and 2
+# weights at S / 4 + 1, and BatchNorm statistics at RUN_BATCH_STAT in every step (so that a recomputation, which
+# needs training images these runs have none of, never applies); steps 1 and 2
 # have validation Dice, step 3 none.
 RUN_DICE = {1: 0.5, 2: 0.9, 3: None}
 RUN_BATCH_STAT = 0.875

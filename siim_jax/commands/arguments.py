@@ -48,11 +48,11 @@ def workers(text: str) -> int | str:
 def add_averaging_arguments(group) -> None:
     """--average-top K / --average-last K, into a mutually exclusive group of checkpoint choices."""
     group.add_argument("--average-top", type=int, default=0, metavar="K",
-                       help="average the parameters of the K best steps (by validation dice_pp), BatchNorm statistics "
-                            "recomputed on the training images")
+                       help="average the parameters and BatchNorm statistics of the K best steps (by validation "
+                            "dice_pp)")
     group.add_argument("--average-last", type=int, default=0, metavar="K",
-                       help="average the parameters of the K latest steps (kept by train.keep_last), BatchNorm "
-                            "statistics recomputed on the training images")
+                       help="average the parameters and BatchNorm statistics of the K latest steps (kept by "
+                            "train.keep_last)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

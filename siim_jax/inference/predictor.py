@@ -194,6 +194,7 @@ class Inference:
         best: bool = False,
         average_top: int = 0,
         average_last: int = 0,
+        bn_statistics: str = "average",
         image_size: int | None = None,
         batch_size: int = 8,
         tta: bool = True,
@@ -203,13 +204,15 @@ class Inference:
         dtype: str | None = None,
     ) -> Inference:
         """The model of a training run (latest `step`, `best`, or the `average_top` best or `average_last` latest
-        steps averaged; see training.checkpoints.restore_for_inference) or of a
+        steps averaged, their BatchNorm statistics averaged or `bn_statistics='recompute'`d; see
+        training.checkpoints.restore_for_inference) or of a
         model directory, at `image_size` (default: the training config's `data.image_size`), computing in `dtype`
         (default: the checkpoint's `model.dtype`; parameters stay float32)."""
         from siim_jax.training.checkpoints import restore_for_inference
 
         model, config = restore_for_inference(
-            path, step=step, best=best, average_top=average_top, average_last=average_last
+            path, step=step, best=best, average_top=average_top, average_last=average_last,
+            bn_statistics=bn_statistics,
         )
         if dtype is not None and dtype != config.model.dtype:
             model = with_compute_dtype(model, config.model, dtype)

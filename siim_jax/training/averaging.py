@@ -4,7 +4,8 @@ The running statistics of each checkpoint describe the activations of its own we
 other activations, so their statistics are measured afresh, as SWA does (Izmailov et al. 2018;
 `torch.optim.swa_utils.update_bn`): one pass over training batches in train mode, every BatchNorm normalising with
 its batch's statistics, and the running statistics set to the plain mean over the batches of each batch's mean
-and unbiased variance (update_bn's `momentum=None`, a cumulative average).
+and unbiased variance (update_bn's `momentum=None`, a cumulative average). `restore_for_inference` does this only
+on request (`bn_statistics='recompute'`); by default it averages the steps' running statistics with the weights.
 """
 
 from __future__ import annotations

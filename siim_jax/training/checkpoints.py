@@ -15,9 +15,11 @@ to average"); checkpoints saved before it existed fall back to the class-gated D
 without metrics (a periodic or interrupt save mid-epoch) is dropped once it is no longer among the latest and the
 run holds more than `keep_best` checkpoints (orbax's BestN keeps everything up to that count).
 
-Averaging several steps (`average_top`, `average_last`) averages the parameters, then recomputes the BatchNorm
-statistics on the run's training images (siim_jax.training.averaging): the mean of the steps' running statistics
-is not the statistics of the averaged network.
+Averaging several steps (`average_top`, `average_last`) averages the parameters and, by default, the steps' running
+BatchNorm statistics (`bn_statistics='average'`). `'recompute'` measures them afresh for the averaged weights, as
+SWA does (siim_jax.training.averaging), on batches drawn as in training. On the quality study's folds recomputing
+lost to averaging (README, "Do the winners' practices help here?"): the running statistics of late checkpoints
+already describe the averaged network closely, and a recomputation from a few batches adds its own error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -203,34 +206,41 @@ def _select_steps(checkpoints: TrainingCheckpoints, step: int | None, best: bool
     return [step]
 
 
-def training_images(config: ml_collections.ConfigDict) -> Iterator[jax.Array]:
-    """Model inputs of the run's training images in order, without augmentation, in batches of the training
-    micro-batch size (the batches its BatchNorm statistics came from); a last partial batch is dropped."""
+def training_batches(config: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
+    """Model inputs of the run's last training epoch as training drew it (balanced, augmented) in batches of the
+    training micro-batch size: the kind of batches its running BatchNorm statistics were averaged over."""
     micro_batch = config.train.batch_size // max(config.train.grad_accum, 1)
     try:
         frame = pipeline.build_datasets(config.data).train
+        batches = pipeline.train_iterator(config.data, frame, [config.train.epochs - 1], micro_batch,
+                                          process_index=0, process_count=1)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"recomputing the BatchNorm statistics of averaged checkpoints needs the run's training images "
             f"(data.root {config.data.root!r}): {error}"
         ) from error
-    frame = frame.iloc[: max(len(frame) // micro_batch, 1) * micro_batch]
-    for batch in pipeline.eval_batches(config.data, frame, micro_batch):
-        yield model_input(batch["image"][batch["valid"]])
+    for batch in batches:
+        yield model_input(np.asarray(batch["image"]))
+
+
+BN_STATISTICS = ("average", "recompute")
 
 
 def restore_for_inference(
-    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0, average_last: int = 0
+    path: str | Path, step: int | None = None, best: bool = False, average_top: int = 0, average_last: int = 0,
+    bn_statistics: str = "average",
 ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
     """(model, config) from a training workdir, its checkpoints dir, or a `model_io` model dir.
 
     From training checkpoints: the latest step, or `step`, or the best-ranked step (`best`, RANKING_METRICS), or
-    the parameters averaged over the `average_top` best-ranked steps or the `average_last` latest steps, with the
-    BatchNorm statistics recomputed for the average on the run's training images (`averaging`) unless all
-    the steps' statistics agree. The weights are the EMA ones when the run kept an EMA (`optim.ema_decay > 0`). The
-    config is the run's full config. A model dir holds one set of weights; its config is returned as
-    `ConfigDict({'model': model_config})`.
+    the parameters averaged over the `average_top` best-ranked steps or the `average_last` latest steps, with their
+    BatchNorm statistics averaged, or with `bn_statistics='recompute'` recomputed for the average on the run's
+    training batches (`averaging`, `training_batches`) unless all the steps' statistics agree. The weights are the
+    EMA ones when the run kept an EMA (`optim.ema_decay > 0`). The config is the run's full config. A model dir
+    holds one set of weights; its config is returned as `ConfigDict({'model': model_config})`.
     """
+    if bn_statistics not in BN_STATISTICS:
+        raise ValueError(f"bn_statistics must be one of {BN_STATISTICS}, got {bn_statistics!r}")
     path = Path(path)
     if (path / model_io.CONFIG_FILE).is_file():
         if step is not None or best or average_top or average_last:
@@ -250,8 +260,8 @@ def restore_for_inference(
     log.info("restored %s step(s) %s%s", checkpoints.directory, steps, " (EMA weights)" if use_ema else "")
     weights = averaging.mean_of(restored)
     model = nnx.merge(graph, weights["ema_params" if use_ema else "params"], weights["batch_stats"], rest)
-    if not averaging.batch_stats_agree([weights["batch_stats"] for weights in restored]):
-        count = averaging.recompute_batch_stats(model, training_images(config))
+    if bn_statistics == "recompute" and not averaging.batch_stats_agree([w["batch_stats"] for w in restored]):
+        count = averaging.recompute_batch_stats(model, training_batches(config))
         log.info("recomputed the BatchNorm statistics of the average on %d training batches", count)
     return model, config
 
