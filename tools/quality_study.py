@@ -1,25 +1,33 @@
 """Issue 24's study: do checkpoint averaging, fold ensembles and flip TTA gain, over seeds?
 
-    python tools/quality_study.py --out runs/quality_study            # 3 seeds x 3 folds, ~2 h on 2 CPU cores
-    python tools/quality_study.py --out runs/quality_smoke --smoke    # a tiny version, a minute or two
+    python tools/quality_study.py --out runs/quality_study            # 3 seeds x 3 folds, about 1.5 h on 2 CPU cores
+    python tools/quality_study.py --out runs/quality_study --seeds 0 1 2 3 4    # more seeds (30 min each)
+    python tools/quality_study.py --out runs/quality_smoke --smoke    # a tiny version, a few minutes
 
-Each seed draws its own synthetic set (`--difficulty 0.9`: 400 training and 400 test images in the full study),
+Each seed draws its own synthetic set (difficulty 0.8: 400 training and 400 test images in the full study),
 trains 3 folds of the demo config (`siim-jax cv`, resumable: finished folds are reused) and scores, on the test
 images at the training size, the raw Dice at threshold 0.5 and the Dice after the post-processing tuned out of
 fold (the default grid of `tune`, searched on the model's own validation predictions, or the folds' pooled
 out-of-fold predictions for an ensemble) of:
   each fold's latest checkpoint; its top-k average (best k by validation dice_pp); its last-k average (both with
-  BatchNorm statistics recomputed); the fold ensemble of the latest checkpoints without and with flip TTA
-  (probabilities averaged at the training size). Single models predict with TTA.
-Every prediction is cached in `OUT/seed_<s>/predictions/` (a rerun reuses it). Writes `OUT/quality_rows.csv` (one
-row per seed and model), `OUT/quality_summary.csv` (mean and std over seeds) and `OUT/quality_summary.png`, and
-prints the issue's two conditions as PASS/FAIL.
+  the steps' BatchNorm statistics averaged, the default); the fold ensemble of the latest checkpoints without and
+  with flip TTA (probabilities averaged at the training size). Single models predict with TTA.
+Every prediction is cached in `OUT/seed_<s>/predictions/` (a rerun reuses it). Writes to OUT:
+  quality_rows.csv      one row per seed and model
+  quality_summary.csv   mean and std over seeds of each group, and quality_summary.png
+  quality_threshold.csv where raw Dice@0.5 loses (negative images with pixels above 0.5), per seed and fold
+  quality_ranking.csv   each fold's last validation dice_pp and Dice@0.5 beside its tuned test Dice
+  quality_ablation.csv  seed 0's fold 0 trained again with one change each (ABLATIONS)
+  quality_bn.csv        the averages with BatchNorm statistics averaged or recomputed on training batches
+  quality_ensemble.csv  per seed, each member and the ensemble: tuned, positive-image and oracle-tuned Dice
+and prints the issue's two conditions as PASS/FAIL.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -35,8 +43,9 @@ from siim_jax.evaluation.cv import fold_dir, run_cv  # noqa: E402
 from siim_jax.evaluation.evaluate import labelled_frame  # noqa: E402
 from siim_jax.evaluation.oof import FoldPredictions, concatenate, load_oof, oof_metrics, save_oof  # noqa: E402
 from siim_jax.evaluation.tune import predict_fold  # noqa: E402
-from siim_jax.inference.postprocess import default_grid, grid_search  # noqa: E402
+from siim_jax.inference.postprocess import PostProcess, default_grid, grid_search  # noqa: E402
 from siim_jax.inference.predictor import Inference  # noqa: E402
+from siim_jax.training.logging import read_history  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,20 +57,29 @@ class Size:
     seeds: tuple[int, ...]
     folds: int
     k: int  # checkpoints averaged
-    difficulty: float = 0.9
+    difficulty: float
+    tiny_model: bool = False  # the smoke run's narrower decoder, smaller batches and an evaluation every epoch
 
 
-FULL = Size(n_train=400, n_test=400, image_size=128, epochs=12, seeds=(0, 1, 2), folds=3, k=3)
-SMOKE = Size(n_train=24, n_test=12, image_size=32, epochs=3, seeds=(0, 1), folds=2, k=2)
+# Difficulty 0.8 and the demo's 20 epochs: at 0.9 and 12 epochs the folds barely learned (validation dice_pp stayed
+# at the all-empty score, 0.78, in every evaluation of seed 0), so every model tuned to "predict nothing".
+FULL = Size(n_train=400, n_test=400, image_size=128, epochs=20, seeds=(0, 1, 2), folds=3, k=3, difficulty=0.8)
+SMOKE = Size(n_train=24, n_test=12, image_size=32, epochs=3, seeds=(0, 1), folds=2, k=2, difficulty=0.8,
+             tiny_model=True)
 GROUPS = ("fold, latest", "fold, top-k average", "fold, last-k average", "ensemble, TTA off", "ensemble, TTA on")
 SELECTIONS = {"latest": {}, "top-k": "average_top", "last-k": "average_last"}
+# Part 3 of the issue: one change each to the study's training, on seed 0's fold 0, to see which moves raw Dice@0.5.
+ABLATIONS = {
+    "natural positive fraction (no balancing)": {"data.balance.mode": "none"},
+    "focal loss only (no Dice)": {"loss.weights": {"focal": 1.0}},
+}
 
 
 def study_config(data_dir: Path, size: Size, seed: int):
     config = config_utils.load_config(f"demo:{data_dir}")
     config.data.update(image_size=size.image_size, n_folds=size.folds, fold_seed=seed, seed=seed)
     config.train.update(epochs=size.epochs, seed=seed, keep_best=size.k, keep_last=size.k)
-    if size is SMOKE:
+    if size.tiny_model:
         config.model.decoder_channels = (16, 8, 8, 8, 8)
         config.train.update(batch_size=4, eval_batch_size=4, eval_every_epochs=1, eval_at_start=False)
         config.optim.warmup_steps = 2
@@ -76,15 +94,28 @@ def cached(path: Path, predict, *args) -> FoldPredictions:
     return load_oof(path)
 
 
+def best_setting(tune_on: FoldPredictions) -> PostProcess:
+    """The best setting of `tune`'s default grid on `tune_on` (at the training size)."""
+    grid = default_grid(tune_on.resolution[0], class_head=tune_on.class_probs is not None)
+    return grid_search(float32(tune_on.probs), tune_on.truths, grid, tune_on.class_probs)[0][0]
+
+
+def score(setting: PostProcess, fold: FoldPredictions, positives_only: bool = False) -> float:
+    """Mean challenge Dice of `setting` on `fold`'s images (or on those whose truth is not empty)."""
+    keep = [i for i, truth in enumerate(fold.truths) if truth.any() or not positives_only]
+    fixed = {field.name: [getattr(setting, field.name)] for field in dataclasses.fields(setting)}
+    class_probs = None if fold.class_probs is None else [fold.class_probs[i] for i in keep]
+    return grid_search(float32([fold.probs[i] for i in keep]), [fold.truths[i] for i in keep], fixed,
+                       class_probs)[0][1]
+
+
 def tuned_dice(tune_on: FoldPredictions, apply_to: FoldPredictions) -> float:
     """Test Dice of the best setting of `tune`'s default grid on `tune_on`, both at the training size."""
-    def probs(fold):
-        return [prob.astype(np.float32) for prob in fold.probs]
+    return score(best_setting(tune_on), apply_to)
 
-    grid = default_grid(tune_on.resolution[0], class_head=tune_on.class_probs is not None)
-    best = grid_search(probs(tune_on), tune_on.truths, grid, tune_on.class_probs)[0][0]
-    fixed = {field.name: [getattr(best, field.name)] for field in dataclasses.fields(best)}
-    return grid_search(probs(apply_to), apply_to.truths, fixed, apply_to.class_probs)[0][1]
+
+def float32(probs: list[np.ndarray]) -> list[np.ndarray]:
+    return [prob.astype(np.float32) for prob in probs]
 
 
 def mean_of_members(members: list[FoldPredictions]) -> FoldPredictions:
@@ -95,32 +126,39 @@ def mean_of_members(members: list[FoldPredictions]) -> FoldPredictions:
     return FoldPredictions(first.image_ids, probs, first.truths, class_probs, first.original_sizes)
 
 
-def seed_rows(out: Path, size: Size, seed: int) -> list[dict]:
-    """Trains (or reuses) one seed's folds and scores its models on its test images."""
-    root = out / f"seed_{seed}"
-    data = root / "data"
+def seed_data(out: Path, size: Size, seed: int) -> Path:
+    """One seed's synthetic set (written the first time)."""
+    data = out / f"seed_{seed}" / "data"
     if not (data / layout.STAGE2_CSV).is_file():
         generate(data, n_train=size.n_train, n_test=size.n_test, seed=seed, difficulty=size.difficulty,
                  stage2=True, progress=False)
+    return data
+
+
+def predict_run(run: Path, name: str, k: int, frame, tta: bool, bn_statistics: str = "average") -> FoldPredictions:
+    """Predictions of a trained fold's `name` selection ('latest', 'top-k' or 'last-k' of k) on `frame`."""
+    selection = {} if name == "latest" else {SELECTIONS[name]: k, "bn_statistics": bn_statistics}
+    return predict_fold(Inference.from_checkpoint(run, **selection, tta=tta, progress=False), frame)
+
+
+def seed_rows(out: Path, size: Size, seed: int) -> list[dict]:
+    """Trains (or reuses) one seed's folds and scores its models on its test images."""
+    root = out / f"seed_{seed}"
+    data = seed_data(out, size, seed)
     config = study_config(data, size, seed)
     workdir = root / "cv"
     run_cv(config, workdir, range(size.folds))
     test_frame = labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
     cache = root / "predictions"
     rows, latest = [], {True: [], False: []}
-
-    def predict(fold: int, name: str, frame, tta: bool) -> FoldPredictions:
-        selection = {} if name == "latest" else {SELECTIONS[name]: size.k}
-        inference = Inference.from_checkpoint(fold_dir(workdir, fold), **selection, tta=tta, progress=False)
-        return predict_fold(inference, frame)
-
     for fold in range(size.folds):
         val_frame = labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+        run = fold_dir(workdir, fold)
         for name, group in zip(SELECTIONS, GROUPS):
             for tta in (True, False) if name == "latest" else (True,):
                 tag = f"fold{fold}_{name}_tta{int(tta)}"
-                val = cached(cache / f"{tag}_val.npz", predict, fold, name, val_frame, tta)
-                test = cached(cache / f"{tag}_test.npz", predict, fold, name, test_frame, tta)
+                val = cached(cache / f"{tag}_val.npz", predict_run, run, name, size.k, val_frame, tta)
+                test = cached(cache / f"{tag}_test.npz", predict_run, run, name, size.k, test_frame, tta)
                 if name == "latest":
                     latest[tta].append((val, test))
                 if tta:
@@ -134,6 +172,111 @@ def seed_rows(out: Path, size: Size, seed: int) -> list[dict]:
     return rows
 
 
+def bn_rows(out: Path, size: Size) -> list[dict]:
+    """Issue 24's BatchNorm question: each fold's top-k and last-k averages with the steps' running statistics
+    averaged (the default) and with them recomputed on training batches (TTA, tuned on the fold's validation)."""
+    rows = []
+    for seed in size.seeds:
+        data = seed_data(out, size, seed)
+        config = study_config(data, size, seed)
+        test_frame = labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
+        cache = out / f"seed_{seed}" / "predictions"
+        for fold in range(size.folds):
+            val_frame = labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+            run = fold_dir(out / f"seed_{seed}" / "cv", fold)
+            for name in ("top-k", "last-k"):
+                for bn_statistics, suffix in (("average", ""), ("recompute", "_bn_recomputed")):
+                    tag = f"fold{fold}_{name}_tta1{suffix}"
+                    val, test = (cached(cache / f"{tag}_{part}.npz", predict_run, run, name, size.k, frame, True,
+                                        bn_statistics) for part, frame in (("val", val_frame), ("test", test_frame)))
+                    rows.append({"seed": seed, "fold": fold, "selection": name, "bn_statistics": bn_statistics,
+                                 "raw_dice": oof_metrics(test)["dice"], "tuned_dice": tuned_dice(val, test)})
+    return rows
+
+
+def ensemble_rows(out: Path, size: Size) -> list[dict]:
+    """Why the fold ensemble does or does not beat its best member, per seed (latest checkpoints, TTA off and on):
+    each model's tuned Dice and the Dice of its positive images under that setting, and the Dice of the setting
+    best on the test images themselves ('oracle': what no tuning could exceed, so the model's own limit)."""
+    rows = []
+    for seed, tta in itertools.product(size.seeds, (False, True)):
+        cache = out / f"seed_{seed}" / "predictions"
+        vals, tests = ([load_oof(cache / f"fold{fold}_latest_tta{int(tta)}_{part}.npz") for fold in range(size.folds)]
+                       for part in ("val", "test"))
+        models = [(f"fold {fold}", val, test) for fold, (val, test) in enumerate(zip(vals, tests))]
+        models.append(("ensemble", concatenate(vals), mean_of_members(tests)))
+        for model, tune_on, test in models:
+            setting = best_setting(tune_on)
+            rows.append({"seed": seed, "tta": tta, "model": model, "tuned_dice": score(setting, test),
+                         "tuned_positive_dice": score(setting, test, positives_only=True),
+                         "oracle_dice": score(best_setting(test), test)})
+    return rows
+
+
+def threshold_stats(test: FoldPredictions) -> dict:
+    """Where raw Dice@0.5 loses: the challenge scores an empty truth 1 only for an exactly empty prediction, so a
+    few stray pixels above 0.5 zero a negative image."""
+    metrics = oof_metrics(test)
+    negative = [prob for prob, truth in zip(test.probs, test.truths) if not truth.any()]
+    stray = [count for count in (np.count_nonzero(prob > 0.5) for prob in negative) if count]
+    n_positive = len(test.probs) - len(negative)
+    return {
+        "raw_dice": metrics["dice"],
+        "negatives_marked": len(stray) / len(negative),  # negatives with any pixel above 0.5
+        "median_marked_pixels": float(np.median(stray)) if stray else 0.0,
+        # the same masks with every negative image emptied: what a perfect empty/non-empty gate would give
+        "raw_dice_negatives_emptied": (len(negative) + metrics["dice_positive"] * n_positive) / len(test.probs),
+        "dice_class_gated": metrics["dice_gated"],  # emptied where the class head says < 0.5
+        "dice_positive": metrics["dice_positive"],
+    }
+
+
+def ablation_rows(out: Path, size: Size) -> list[dict]:
+    """Seed 0's fold 0 trained again with each of ABLATIONS, beside the study's own: threshold_stats and the tuned
+    Dice of each latest checkpoint (TTA) on seed 0's test images."""
+    seed, fold = size.seeds[0], 0
+    data = seed_data(out, size, seed)
+    test_frame = labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
+    rows = []
+    for change, overrides in {"none (the study's config)": {}, **ABLATIONS}.items():
+        config = study_config(data, size, seed)
+        config.update_from_flattened_dict(overrides)
+        slug = "study" if not overrides else "".join(c if c.isalnum() else "_" for c in change)[:40]
+        workdir = out / f"seed_{seed}" / ("cv" if not overrides else f"ablation_{slug}")
+        run_cv(config, workdir, [fold])
+        val_frame = labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+        cache = out / f"seed_{seed}" / "predictions" / ("" if not overrides else f"ablation_{slug}")
+        tag = f"fold{fold}_latest_tta1"
+        run = fold_dir(workdir, fold)
+        val = cached(cache / f"{tag}_val.npz", predict_run, run, "latest", size.k, val_frame, True)
+        test = cached(cache / f"{tag}_test.npz", predict_run, run, "latest", size.k, test_frame, True)
+        rows.append({"change": change, **threshold_stats(test), "tuned_dice": tuned_dice(val, test)})
+    return rows
+
+
+def threshold_rows(out: Path, size: Size) -> list[dict]:
+    """threshold_stats of each seed's and fold's latest checkpoint (TTA) on its test images."""
+    return [
+        {"seed": seed, "fold": fold,
+         **threshold_stats(load_oof(out / f"seed_{seed}" / "predictions" / f"fold{fold}_latest_tta1_test.npz"))}
+        for seed in size.seeds for fold in range(size.folds)
+    ]
+
+
+def ranking_rows(out: Path, size: Size, rows: pd.DataFrame) -> pd.DataFrame:
+    """Whether validation dice_pp (what ranks checkpoints) tracks the tuned test Dice better than the raw Dice@0.5:
+    each fold's last validation figures beside its latest checkpoint's tuned test Dice."""
+    latest = rows[rows["group"] == GROUPS[0]].set_index(["seed", "member"])["tuned_dice"]
+    table = []
+    for seed in size.seeds:
+        for fold in range(size.folds):
+            history = read_history(fold_dir(out / f"seed_{seed}" / "cv", fold) / "metrics.jsonl")
+            last = [entry for entry in history if "val/dice_pp" in entry][-1]
+            table.append({"seed": seed, "fold": fold, "val_dice_pp": last["val/dice_pp"],
+                          "val_dice_at_0.5": last["val/dice"], "test_tuned_dice": latest[(seed, fold)]})
+    return pd.DataFrame(table)
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of each group's per-seed mean over its members."""
     per_seed = rows.groupby(["group", "seed"])[["raw_dice", "tuned_dice"]].mean()
@@ -143,7 +286,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_gain(a: pd.Series, b: pd.Series) -> tuple[float, float]:
-    """(mean over seeds of a - b, its standard error); a and b indexed by seed."""
+    """(mean of a - b, its standard error); a and b on the same index (seeds, or seeds and folds)."""
     difference = (a - b).dropna()
     return float(difference.mean()), float(difference.std(ddof=1) / np.sqrt(len(difference)))
 
@@ -188,14 +331,41 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="study folder (reused when it exists)")
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in a minute or two")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run instead of the size's (0 1 2)")
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else FULL
+    if args.seeds:
+        size = dataclasses.replace(size, seeds=tuple(args.seeds))
     rows = pd.DataFrame([row for seed in size.seeds for row in seed_rows(args.out, size, seed)])
     rows.to_csv(args.out / "quality_rows.csv", index=False)
     summary = summarise(rows)
     summary.to_csv(args.out / "quality_summary.csv")
     plot(summary, args.out / "quality_summary.png")
     print(summary.round(4).to_string())
+    threshold = pd.DataFrame(threshold_rows(args.out, size))
+    threshold.to_csv(args.out / "quality_threshold.csv", index=False)
+    print(threshold.drop(columns=["seed", "fold"]).agg(["mean", "std"]).round(4).to_string())
+    ranking = ranking_rows(args.out, size, rows)
+    ranking.to_csv(args.out / "quality_ranking.csv", index=False)
+    for metric in ("val_dice_pp", "val_dice_at_0.5"):
+        correlation = ranking[metric].corr(ranking["test_tuned_dice"], method="spearman")
+        print(f"Spearman correlation of {metric} with the tuned test Dice over the folds: {correlation:.3f}")
+    ablation = pd.DataFrame(ablation_rows(args.out, size))
+    ablation.to_csv(args.out / "quality_ablation.csv", index=False)
+    print(ablation.round(4).to_string(index=False))
+    bn = pd.DataFrame(bn_rows(args.out, size))
+    bn.to_csv(args.out / "quality_bn.csv", index=False)
+    print(bn.groupby(["selection", "bn_statistics"])[["raw_dice", "tuned_dice"]].agg(["mean", "std"]).round(4))
+    for name in ("top-k", "last-k"):
+        pair = bn[bn["selection"] == name].pivot_table(index=["seed", "fold"], columns="bn_statistics",
+                                                       values="tuned_dice")
+        gain, error = paired_gain(pair["recompute"], pair["average"])
+        print(f"{name}: recomputed minus averaged BatchNorm statistics, tuned Dice over the folds: "
+              f"{gain:+.4f} ± {error:.4f}")
+    ensemble = pd.DataFrame(ensemble_rows(args.out, size))
+    ensemble.to_csv(args.out / "quality_ensemble.csv", index=False)
+    print(ensemble.groupby(["tta", "model"])[["tuned_dice", "tuned_positive_dice", "oracle_dice"]]
+          .agg(["mean", "std"]).round(4).to_string())
     for name, passed, numbers in conditions(rows):
         print(f"{'PASS' if passed else 'FAIL'}: {name}: {numbers}")
     return 0
