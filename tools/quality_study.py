@@ -135,6 +135,16 @@ def seed_data(out: Path, size: Size, seed: int) -> Path:
     return data
 
 
+def held_out_images(data: Path) -> pd.DataFrame:
+    """A seed's held-out test images with their labels."""
+    return labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
+
+
+def validation_images(data: Path, fold: int, config) -> pd.DataFrame:
+    """The training images of `fold`'s validation split under `config`'s folds."""
+    return labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+
+
 def predict_run(run: Path, name: str, k: int, frame, tta: bool, bn_statistics: str = "average") -> FoldPredictions:
     """Predictions of a trained fold's `name` selection ('latest', 'top-k' or 'last-k' of k) on `frame`."""
     selection = {} if name == "latest" else {SELECTIONS[name]: k, "bn_statistics": bn_statistics}
@@ -148,11 +158,11 @@ def seed_rows(out: Path, size: Size, seed: int) -> list[dict]:
     config = study_config(data, size, seed)
     workdir = root / "cv"
     run_cv(config, workdir, range(size.folds))
-    test_frame = labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
+    test_frame = held_out_images(data)
     cache = root / "predictions"
     rows, latest = [], {True: [], False: []}
     for fold in range(size.folds):
-        val_frame = labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+        val_frame = validation_images(data, fold, config)
         run = fold_dir(workdir, fold)
         for name, group in zip(SELECTIONS, GROUPS):
             for tta in (True, False) if name == "latest" else (True,):
@@ -179,10 +189,10 @@ def bn_rows(out: Path, size: Size) -> list[dict]:
     for seed in size.seeds:
         data = seed_data(out, size, seed)
         config = study_config(data, size, seed)
-        test_frame = labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
+        test_frame = held_out_images(data)
         cache = out / f"seed_{seed}" / "predictions"
         for fold in range(size.folds):
-            val_frame = labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+            val_frame = validation_images(data, fold, config)
             run = fold_dir(out / f"seed_{seed}" / "cv", fold)
             for name in ("top-k", "last-k"):
                 for bn_statistics, suffix in (("average", ""), ("recompute", "_bn_recomputed")):
@@ -236,7 +246,7 @@ def ablation_rows(out: Path, size: Size) -> list[dict]:
     Dice of each latest checkpoint (TTA) on seed 0's test images."""
     seed, fold = size.seeds[0], 0
     data = seed_data(out, size, seed)
-    test_frame = labelled_frame(data / layout.TEST_DIR, data / layout.STAGE2_CSV, None)
+    test_frame = held_out_images(data)
     rows = []
     for change, overrides in {"none (the study's config)": {}, **ABLATIONS}.items():
         config = study_config(data, size, seed)
@@ -244,7 +254,7 @@ def ablation_rows(out: Path, size: Size) -> list[dict]:
         slug = "study" if not overrides else "".join(c if c.isalnum() else "_" for c in change)[:40]
         workdir = out / f"seed_{seed}" / ("cv" if not overrides else f"ablation_{slug}")
         run_cv(config, workdir, [fold])
-        val_frame = labelled_frame(data / layout.TRAIN_DIR, data / layout.TRAIN_CSV, fold, config.data)
+        val_frame = validation_images(data, fold, config)
         cache = out / f"seed_{seed}" / "predictions" / ("" if not overrides else f"ablation_{slug}")
         tag = f"fold{fold}_latest_tta1"
         run = fold_dir(workdir, fold)
