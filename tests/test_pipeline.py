@@ -123,6 +123,34 @@ def test_restored_iterator_state_continues_with_the_next_batches(synthetic_tree,
     assert_same_batches(expected, take(restored))
 
 
+@pytest.mark.parametrize("saved_workers, resumed_workers", [(2, 0), (0, 3)])
+def test_a_position_saved_under_one_worker_count_resumes_under_another(
+    synthetic_tree, splits, tmp_path, saved_workers, resumed_workers
+):
+    # workers='auto' counts the cores: a run resumed on another machine loads with another number of workers
+    config = data_config(synthetic_tree, workers=saved_workers, prefetch=1)
+    iterator = pipeline.train_iterator(config, splits.train, range(2), 2, 0, 1)
+    for _ in range(3):
+        next(iterator)
+    grain.checkpoint.CheckpointHandler().save(tmp_path, item=iterator)
+    expected = take(iterator)
+    config = data_config(synthetic_tree, workers=resumed_workers, prefetch=1)
+    restored = pipeline.train_iterator(config, splits.train, range(2), 2, 0, 1)
+    grain.checkpoint.CheckpointHandler().restore(tmp_path, item=restored)
+    assert len(expected) >= 2
+    assert_same_batches(expected, take(restored))
+    assert_same_batches(expected, take(pipeline.train_iterator(config, splits.train, range(2), 2, 0, 1, start_batch=3)))
+
+
+def test_a_position_that_is_not_one_of_the_runs_batches_is_refused(synthetic_tree, splits):
+    iterator = pipeline.train_iterator(data_config(synthetic_tree), splits.train, [0], 2, 0, 1)
+    with pytest.raises(ValueError, match="beyond this run's"):
+        iterator.set_state({"next_batch": 10_000})
+    with pytest.raises(ValueError, match="not a position in the training batches"):
+        iterator.set_state({"next_index": 3})  # what grain's own iterators save
+    iterator.close()
+
+
 def test_a_run_iterator_continues_across_epochs_and_restores_into_the_next_epoch(synthetic_tree, splits, tmp_path):
     config = data_config(synthetic_tree)
     epochs = [take(pipeline.train_iterator(config, splits.train, [epoch], 3, 0, 1)) for epoch in range(3)]

@@ -30,10 +30,10 @@ API:
   steps_per_epoch(config.data, frame, epoch, global_batch_size): full global batches in that epoch's draw
   epoch_sample(positive, epoch, config.data.balance, seed), positive_fraction_at(schedule, epoch): the draw
   train_iterator(config.data, frame, epochs, global_batch_size, process_index=None, process_count=None,
-      sharding=None, skipped_csv=None, progress=None) -> one grain DatasetIterator over the per-process batches
-      of every epoch in `epochs` (e.g. range(config.train.epochs): a whole run), in turn (global_batch_size //
-      process_count rows each; process defaults from jax). Batch b of an epoch is the same global batch for any
-      process or worker count, and whichever epochs come before it.
+      sharding=None, skipped_csv=None, progress=None, start_batch=0) -> one grain DatasetIterator over the
+      per-process batches of every epoch in `epochs` (e.g. range(config.train.epochs): a whole run), in turn
+      (global_batch_size // process_count rows each; process defaults from jax), from `start_batch` on. Batch b
+      of an epoch is the same global batch for any process or worker count, and whichever epochs come before it.
   eval_batches(config.data, frame, global_batch_size, process_index=None, process_count=None, sharding=None,
       skipped_csv=None): every row exactly once, in order, ceil(len(frame) / global_batch_size) batches, padding
       rows invalid.
@@ -56,7 +56,8 @@ Batches are dicts of NumPy arrays (of jax arrays on the mesh, prefetched, when `
 Checkpointing: the iterators are grain DatasetIterators; save with ``grain.checkpoint.CheckpointSave(it)``
 (orbax, e.g. inside ``ocp.args.Composite``) or ``it.get_state()``, and restore into a fresh
 ``train_iterator`` of the same epochs with ``CheckpointRestore(it)`` / ``it.set_state(state)``: it continues
-with exactly the next batch.
+with exactly the next batch, under any ``workers`` setting (the state is the number of batches handed out).
+``train_iterator(..., start_batch=n)`` starts there directly, without loading the batches before it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -384,6 +385,11 @@ class PipelineProgress:
         self.transferred = 0
         self._lock = threading.Lock()
 
+    def restart(self, workers: int) -> None:
+        """Counts afresh, for a new iterator (one resumed at another position) with `workers` processes."""
+        with self._lock:
+            self.workers, self.loaded, self.transferred = workers, 0, 0
+
     def mark_loaded(self, batch):
         with self._lock:
             self.loaded += 1
@@ -426,7 +432,7 @@ def _iterate(config: ml_collections.ConfigDict, dataset: grain.MapDataset, shard
     else:
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=config.prefetch))
     if progress is not None:
-        progress.workers = worker_count(config.workers)
+        progress.restart(worker_count(config.workers))
     if sharding is None:
         return iter(iterable if progress is None else iterable.map(progress.mark_loaded))
     host = iter(iterable.map(functools.partial(_transfer, sharding=sharding, progress=progress)))
@@ -448,10 +454,11 @@ def train_iterator(
     sharding=None,
     skipped_csv=None,
     progress: PipelineProgress | None = None,
-) -> grain.DatasetIterator:
+    start_batch: int = 0,
+) -> ResumableBatches:
     """The augmented, balanced training batches of `epochs`, one after another, for this process (see the
-    module docstring). Each epoch is its own draw and leaves out its own remainder, so batch b of an epoch is
-    the same whichever epochs come before it."""
+    module docstring), from batch `start_batch` of them on. Each epoch is its own draw and leaves out its own
+    remainder, so batch b of an epoch is the same whichever epochs come before it."""
     process_index, process_count = _this_process(process_index, process_count)
     positive = frame["positive"].to_numpy(bool)
     plans = []
@@ -471,8 +478,49 @@ def train_iterator(
         seed=config.seed,
         replace_failures=True,
     )
-    dataset = grain.MapDataset.source(np.concatenate(plans)).map(load)
-    return _iterate(config, dataset.batch(global_batch_size // process_count, batch_fn=_collate), sharding, progress)
+    batches = grain.MapDataset.source(np.concatenate(plans)).map(load)
+    batches = batches.batch(global_batch_size // process_count, batch_fn=_collate)
+    start = functools.partial(_iterate, config, sharding=sharding, progress=progress)
+    return ResumableBatches(batches, start, start_batch)
+
+
+class ResumableBatches(grain.DatasetIterator):
+    """An iterator over `batches` whose state is the number of batches it handed out.
+
+    grain's multiprocess state holds one entry per worker and does not restore under another worker count,
+    as on a machine with other cores under workers='auto'. A position restores under any: `set_state` starts
+    a fresh iterator (`start`) at the saved batch. Batches are the same from any start: an element's augmentation
+    is drawn from its epoch and its place in that epoch's draw.
+    """
+
+    def __init__(self, batches: grain.MapDataset, start: Callable[[grain.MapDataset], grain.DatasetIterator],
+                 position: int = 0):
+        super().__init__()
+        self._batches, self._start = batches, start
+        self._position = position
+        self._iterator = start(batches[position:])
+
+    def __next__(self):
+        batch = next(self._iterator)
+        self._position += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_batch": self._position}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("next_batch"), int):
+            raise ValueError(f"not a position in the training batches (saved by another version?): {state!r}")
+        if not 0 <= state["next_batch"] <= len(self._batches):
+            raise ValueError(f"position {state['next_batch']} is beyond this run's {len(self._batches)} batches")
+        if state["next_batch"] != self._position:
+            self._iterator.close()
+            self._position = state["next_batch"]
+            self._iterator = self._start(self._batches[self._position:])
+
+    def close(self) -> None:
+        if hasattr(self, "_iterator"):  # also when `start` failed in __init__
+            self._iterator.close()
 
 
 def _ordered_batches(config, frame, global_batch_size, process_index, process_count, sharding, labelled: bool,

@@ -3,9 +3,9 @@
 Layout of `workdir/checkpoints/<step>/`:
   state/      the TrainState (step, params, batch_stats, opt_state, ema_params, rng, plateau), orbax PyTree
   config/     the full training config as JSON
-  data_iter/  the position of the run's training iterator (every epoch in one), one `process_<i>-of-<n>.json`
-              per process (grain's handler): a run resumes with as many processes as saved, each with any number
-              of devices
+  data_iter/  the position of the run's training iterator (every epoch in one): the batches it handed out, one
+              `process_<i>-of-<n>.json` per process (grain's handler). A run resumes with as many processes as
+              saved, each with any number of devices and of loading workers
   metrics/    validation metrics of an end-of-epoch checkpoint ({'dice', 'dice_gated', 'dice_positive', 'auc', ...})
 
 Kept: the `keep_last` latest steps (at least one, for resuming; more for `average_last`) and the `keep_best` steps

@@ -287,10 +287,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
     eval_step = make_eval_step(model_def, mesh, config.train.threshold)
     sheet_step = make_sheet_step(model_def, mesh, config.train.threshold)
     input_progress = pipeline.PipelineProgress()
-    train_iter = pipeline.train_iterator(
-        config.data, splits.train, range(len(plan.steps)), config.train.batch_size,
-        sharding=sharding_lib.batch_sharding(mesh), skipped_csv=skipped_csv, progress=input_progress,
-    )
     result = {"train_loss": float("nan"), "stopped_by": None}
     with (
         TrainingCheckpoints(
@@ -300,6 +296,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         StopSignals() as stop,
     ):
         start = checkpoints.latest_step() if resume else None
+        # Each step takes one batch, so a resumed run starts its batches at `start`: the saved position, which
+        # restoring it then checks, without starting the loading workers twice.
+        train_iter = pipeline.train_iterator(
+            config.data, splits.train, range(len(plan.steps)), config.train.batch_size,
+            sharding=sharding_lib.batch_sharding(mesh), skipped_csv=skipped_csv, progress=input_progress,
+            start_batch=start or 0,
+        )
         if start is not None:
             state = checkpoints.restore_state(start, state, mesh)
             checkpoints.restore_data_iterator(start, train_iter)
