@@ -70,6 +70,17 @@ def from_dict(values: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_colle
     return config
 
 
+def flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Every field of `config` as {'section.key': value}; a field of type `object` is one value, whatever it holds."""
+    fields = {}
+    for name in config.keys():
+        if _is_section(config, name):
+            fields.update(flat(config[name], f"{prefix}{name}."))
+        else:
+            fields[prefix + name] = config[name]
+    return fields
+
+
 # ------------------------------------------------------------------------------------------------ config files
 
 

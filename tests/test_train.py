@@ -112,7 +112,11 @@ def test_resuming_after_sigterm_reaches_the_uninterrupted_weights(tiny_model, sy
         wrap_train_step(patch, terminate_at_step_6)
         stopped = train.train_and_evaluate(config, tmp_path / "resumed")
     assert stopped["stopped_by"] == "SIGTERM" and stopped["step"] == 6
-    resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+    with pytest.raises(config_utils.ConfigError) as refused:  # other batches and another schedule: another run
+        train.train_and_evaluate(small_config(synthetic_root, batch_size=2, epochs=EPOCHS + 1), tmp_path / "resumed")
+    assert "train.batch_size: 4 saved, 2 now" in str(refused.value)
+    assert f"train.epochs: {EPOCHS} saved, {EPOCHS + 1} now" in str(refused.value)
+    resumed = train.train_and_evaluate(small_config(synthetic_root, log_every_steps=1), tmp_path / "resumed")
     assert resumed["step"] == EPOCHS * STEPS_PER_EPOCH and resumed["stopped_by"] is None
     expected = final_weights(tmp_path / "uninterrupted")
     for (path, actual), (_, wanted) in zip(final_weights(tmp_path / "resumed"), expected, strict=True):

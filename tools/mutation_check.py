@@ -209,6 +209,13 @@ MUTANTS = (
          "tests/test_pipeline.py::test_a_position_saved_under_one_worker_count_resumes_under_another"),
     ),
     Mutant(
+        "resume-config-unchecked", "checkpoint restore", "a run resumes under a changed batch size and schedule",
+        "siim_jax/training/loop.py",
+        "            check_resumable(checkpoints.restore_config(start), config, workdir)\n",
+        "",
+        ("tests/test_train.py::test_resuming_after_sigterm_reaches_the_uninterrupted_weights",),
+    ),
+    Mutant(
         "train-batches-not-resumed", "checkpoint restore", "a resumed run starts its batches at the first one",
         "siim_jax/data/pipeline.py",
         "self._iterator = start(batches[position:])",

@@ -181,6 +181,36 @@ def check_batch_sizes(train_config: ml_collections.ConfigDict, devices: int) -> 
             raise ValueError(f"train.{name} = {size} must be a multiple of the {devices} devices")
 
 
+# What a resumed run may change: where the files are, how they load, what is logged and kept. Every other field
+# shapes the batches, the schedule, the model or the validation that steers the plateau schedule, so resuming
+# under another value would go on as a run that never was.
+RESUMABLE_CHANGES = frozenset({
+    "data.root", "data.labels_csv", "data.prepared_dir",  # the same files on another machine
+    "data.workers", "data.prefetch", "data.batch_timeout_s",
+    "model.init_from", "model.remat",  # init_from is read only when a run starts; remat recomputes the same values
+    "train.eval_at_start", "train.eval_batch_size", "train.log_every_steps", "train.checkpoint_every_steps",
+    "train.keep_best", "train.keep_last",
+})
+
+
+def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuses to resume the run saved with config `saved` under `config` if a field outside RESUMABLE_CHANGES
+    differs, naming each."""
+    saved, now = config_utils.flat(saved), config_utils.flat(config)
+    differing = [
+        f"{key}: {saved.get(key)!r} saved, {value!r} now"
+        for key, value in now.items()
+        if key not in RESUMABLE_CHANGES and saved.get(key) != value
+    ]
+    if differing:
+        raise config_utils.ConfigError(
+            f"{workdir} was trained under another config and would not continue as the same run: "
+            + "; ".join(differing)
+            + ". Resume with the saved values, or train in a new workdir (model.init_from=" + str(workdir)
+            + " starts from its weights)"
+        )
+
+
 def eval_batch_size(train_config: ml_collections.ConfigDict) -> int:
     return train_config.eval_batch_size or train_config.batch_size
 
@@ -304,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
             start_batch=start or 0,
         )
         if start is not None:
+            check_resumable(checkpoints.restore_config(start), config, workdir)
             state = checkpoints.restore_state(start, state, mesh)
             checkpoints.restore_data_iterator(start, train_iter)
             log.info("resumed from step %d", start)
