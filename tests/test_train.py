@@ -116,7 +116,9 @@ def test_resuming_after_sigterm_reaches_the_uninterrupted_weights(tiny_model, sy
         train.train_and_evaluate(small_config(synthetic_root, batch_size=2, epochs=EPOCHS + 1), tmp_path / "resumed")
     assert "train.batch_size: 4 saved, 2 now" in str(refused.value)
     assert f"train.epochs: {EPOCHS} saved, {EPOCHS + 1} now" in str(refused.value)
-    resumed = train.train_and_evaluate(small_config(synthetic_root, log_every_steps=1), tmp_path / "resumed")
+    moved = small_config(synthetic_root, log_every_steps=1)  # logging and loading may change on resume:
+    moved.data.workers = 0  # the stopped run loaded with workers='auto', the cores less one
+    resumed = train.train_and_evaluate(moved, tmp_path / "resumed")
     assert resumed["step"] == EPOCHS * STEPS_PER_EPOCH and resumed["stopped_by"] is None
     expected = final_weights(tmp_path / "uninterrupted")
     for (path, actual), (_, wanted) in zip(final_weights(tmp_path / "resumed"), expected, strict=True):
