@@ -326,8 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, r
         StopSignals() as stop,
     ):
         start = checkpoints.latest_step() if resume else None
-        # Each step takes one batch, so a resumed run starts its batches at `start`: the saved position, which
-        # restoring it then checks, without starting the loading workers twice.
+        # Each step takes one batch, so the saved position is `start`: starting the batches there lets restoring
+        # the position below find them in place, rather than start the loading workers a second time.
         train_iter = pipeline.train_iterator(
             config.data, splits.train, range(len(plan.steps)), config.train.batch_size,
             sharding=sharding_lib.batch_sharding(mesh), skipped_csv=skipped_csv, progress=input_progress,
