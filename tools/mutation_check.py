@@ -287,6 +287,13 @@ MUTANTS = (
         ORIENTATION_TESTS,
     ),
     Mutant(
+        "evaluate-truth-decoded-transposed", "orientation", "evaluate's truth decoded at (width, height)",
+        "siim_jax/evaluation/evaluate.py",
+        "truth = merged_mask(label_row, prediction.original_size)\n",
+        "truth = merged_mask(label_row, prediction.original_size[::-1])\n",
+        ORIENTATION_TESTS,
+    ),
+    Mutant(
         "oof-truth-transposed", "orientation", "the CV summary compares each prediction with its transposed truth",
         "siim_jax/evaluation/oof.py",
         'stats["intersection"].append(np.count_nonzero(predicted & truth))',
