@@ -17,7 +17,7 @@ Every prediction is cached in `OUT/seed_<s>/predictions/` (a rerun reuses it). W
   quality_summary.csv   mean and std over seeds of each group, and quality_summary.png
   quality_threshold.csv where raw Dice@0.5 loses (negative images with pixels above 0.5), per seed and fold
   quality_ranking.csv   each fold's last validation dice_pp and Dice@0.5 beside its tuned test Dice
-  quality_ablation.csv  seed 0's fold 0 trained again with one change each (ABLATIONS)
+  quality_ablation.csv  the first seed's fold 0 (or --ablation-seeds') trained again with one change each
   quality_bn.csv        the averages with BatchNorm statistics averaged or recomputed on training batches
   quality_ensemble.csv  per seed, each member and the ensemble: tuned, positive-image and oracle-tuned Dice
 and prints the issue's two conditions as PASS/FAIL.
@@ -37,7 +37,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's siim_jax when run from a checkout
 
 from siim_jax import config_utils  # noqa: E402
-from siim_jax.data import layout  # noqa: E402
+from siim_jax.data import layout, pipeline  # noqa: E402
 from siim_jax.data.synthetic import generate  # noqa: E402
 from siim_jax.evaluation.cv import fold_dir, run_cv  # noqa: E402
 from siim_jax.evaluation.evaluate import labelled_frame  # noqa: E402
@@ -68,9 +68,23 @@ SMOKE = Size(n_train=24, n_test=12, image_size=32, epochs=3, seeds=(0, 1), folds
              tiny_model=True)
 GROUPS = ("fold, latest", "fold, top-k average", "fold, last-k average", "ensemble, TTA off", "ensemble, TTA on")
 SELECTIONS = {"latest": {}, "top-k": "average_top", "last-k": "average_last"}
-# Part 3 of the issue: one change each to the study's training, on seed 0's fold 0, to see which moves raw Dice@0.5.
+
+
+def natural_fraction_at_the_study_steps(config) -> dict:
+    """No balancing, for about as many steps as the balanced study run takes (a natural epoch holds every image,
+    a balanced one the positives and as many negatives), so that the comparison is not one of training length."""
+    train = pipeline.build_datasets(config.data).train
+    batch = config.train.batch_size
+    study_steps = sum(pipeline.steps_per_epoch(config.data, train, e, batch) for e in range(config.train.epochs))
+    natural_steps = len(train) // batch  # every image in each epoch
+    return {"data.balance.mode": "none", "train.epochs": max(1, round(study_steps / natural_steps))}
+
+
+# Part 3 of the issue: one change each to the study's training, on a seed's fold 0, to see which moves raw Dice@0.5.
+# An entry is the config overrides, or a function of the study's config that gives them.
 ABLATIONS = {
     "natural positive fraction (no balancing)": {"data.balance.mode": "none"},
+    "natural positive fraction, the study's steps": natural_fraction_at_the_study_steps,
     "focal loss only (no Dice)": {"loss.weights": {"focal": 1.0}},
 }
 
@@ -241,15 +255,17 @@ def threshold_stats(test: FoldPredictions) -> dict:
     }
 
 
-def ablation_rows(out: Path, size: Size) -> list[dict]:
-    """Seed 0's fold 0 trained again with each of ABLATIONS, beside the study's own: threshold_stats and the tuned
-    Dice of each latest checkpoint (TTA) on seed 0's test images."""
-    seed, fold = size.seeds[0], 0
+def ablation_rows(out: Path, size: Size, seed: int) -> list[dict]:
+    """The seed's fold 0 trained again with each of ABLATIONS, beside the study's own: threshold_stats, the steps
+    trained and the tuned Dice of each latest checkpoint (TTA) on the seed's test images."""
+    fold = 0
     data = seed_data(out, size, seed)
     test_frame = held_out_images(data)
     rows = []
     for change, overrides in {"none (the study's config)": {}, **ABLATIONS}.items():
         config = study_config(data, size, seed)
+        if callable(overrides):
+            overrides = overrides(config)
         config.update_from_flattened_dict(overrides)
         slug = "study" if not overrides else "".join(c if c.isalnum() else "_" for c in change)[:40]
         workdir = out / f"seed_{seed}" / ("cv" if not overrides else f"ablation_{slug}")
@@ -260,7 +276,9 @@ def ablation_rows(out: Path, size: Size) -> list[dict]:
         run = fold_dir(workdir, fold)
         val = cached(cache / f"{tag}_val.npz", predict_run, run, "latest", size.k, val_frame, True)
         test = cached(cache / f"{tag}_test.npz", predict_run, run, "latest", size.k, test_frame, True)
-        rows.append({"change": change, **threshold_stats(test), "tuned_dice": tuned_dice(val, test)})
+        steps = read_history(run / "metrics.jsonl")[-1]["step"]
+        rows.append({"seed": seed, "change": change, "steps": steps, **threshold_stats(test),
+                     "tuned_dice": tuned_dice(val, test)})
     return rows
 
 
@@ -342,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="study folder (reused when it exists)")
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in a minute or two")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run instead of the size's (0 1 2)")
+    parser.add_argument("--ablation-seeds", type=int, nargs="+",
+                        help="seeds whose fold 0 is trained with each ablation (default: the first seed)")
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else FULL
     if args.seeds:
@@ -360,7 +380,8 @@ def main(argv=None) -> int:
     for metric in ("val_dice_pp", "val_dice_at_0.5"):
         correlation = ranking[metric].corr(ranking["test_tuned_dice"], method="spearman")
         print(f"Spearman correlation of {metric} with the tuned test Dice over the folds: {correlation:.3f}")
-    ablation = pd.DataFrame(ablation_rows(args.out, size))
+    ablation = pd.DataFrame([row for seed in args.ablation_seeds or size.seeds[:1]
+                             for row in ablation_rows(args.out, size, seed)])
     ablation.to_csv(args.out / "quality_ablation.csv", index=False)
     print(ablation.round(4).to_string(index=False))
     bn = pd.DataFrame(bn_rows(args.out, size))
